@@ -1,0 +1,163 @@
+"""Configuration of Relformer: one config class for the decoder-only, encoder-only and encoder-decoder forms.
+
+This file is shipped with every saved checkpoint (remote code): it imports only the standard library and transformers.
+"""
+
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+POSITION_EMBEDDING_TYPES = ("relative", "sinusoidal", "learned", "rotary", "none")
+LAYER_NORM_POSITIONS = ("pre", "post")
+NORM_TYPES = ("layer_norm", "rms_norm")
+FEED_FORWARD_TYPES = ("plain", "gated")
+# Rotary variants whose frequencies are fixed at construction (dynamic and longrope rescale at run time).
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+# Every Auto class a Relformer checkpoint can be loaded with, written into `config.auto_map` so that a checkpoint
+# loads with `trust_remote_code=True` where the package is not installed.
+AUTO_MAP = {
+    "AutoConfig": "configuration_relformer.RelformerConfig",
+    "AutoModel": "modeling_relformer.RelformerModel",
+    "AutoModelForCausalLM": "modeling_relformer.RelformerForCausalLM",
+}
+
+
+class RelformerConfig(PreTrainedConfig):
+    r"""Configuration of a Relformer model.
+
+    The form is chosen by two flags: `is_encoder_decoder=True` builds an encoder and a decoder; otherwise
+    `is_decoder=True` (the default) builds a causal decoder-only model and `is_decoder=False` an encoder.
+
+    Position schemes (`position_embedding_type`):
+    - `"relative"`: Shaw et al. (2018) relative positions inside self-attention, distances clipped to
+      `relative_attention_max_distance` (k). The keys term `q·a^K` is always on; `relative_attention_values=True`
+      adds the values term `Σ α a^V` (eager attention only). `relative_attention_per_head=True` learns one table
+      per head (Music Transformer) instead of one shared by all heads.
+    - `"sinusoidal"` / `"learned"`: absolute positions added to the token embeddings (Vaswani et al. 2017);
+      learned positions are limited to `max_position_embeddings`.
+    - `"rotary"`: rotary embeddings on queries and keys (`rope_parameters`).
+    - `"none"`: no position information (causal masking alone).
+
+    Architecture switches: `layer_norm_position` ("pre" or "post"), `norm_type` ("layer_norm" or "rms_norm"),
+    `feed_forward_type` ("plain" or "gated", gated = GLU such as SwiGLU with `hidden_act="silu"`),
+    `attention_bias`, `mlp_bias`, `scale_embedding` (multiply token embeddings by sqrt(hidden_size)),
+    `embedding_layer_norm` (a norm right after the embeddings, as in BERT), `hidden_dropout`,
+    `attention_dropout`, `layer_norm_eps`, and grouped-query attention through `num_key_value_heads`.
+    """
+
+    model_type = "relformer"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    intermediate_size: int = 2048
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 1024
+    position_embedding_type: str = "relative"
+    relative_attention_max_distance: int = 16
+    relative_attention_values: bool = False
+    relative_attention_per_head: bool = False
+    rope_parameters: dict | None = None
+    layer_norm_position: str = "pre"
+    norm_type: str = "layer_norm"
+    layer_norm_eps: float = 1e-5
+    feed_forward_type: str = "plain"
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    scale_embedding: bool = False
+    embedding_layer_norm: bool = False
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    is_decoder: bool = True
+    is_encoder_decoder: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    decoder_start_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.auto_map = {**AUTO_MAP, **(kwargs.pop("auto_map", None) or {})}
+        super().__post_init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the field for any value the model cannot be built with."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            _require_positive_int(name, getattr(self, name))
+        _require_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
+        _require_choice("layer_norm_position", self.layer_norm_position, LAYER_NORM_POSITIONS)
+        _require_choice("norm_type", self.norm_type, NORM_TYPES)
+        _require_choice("feed_forward_type", self.feed_forward_type, FEED_FORWARD_TYPES)
+        _require_choice("hidden_act", self.hidden_act, tuple(ACT2FN))
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        _require_positive_int("relative_attention_max_distance", self.relative_attention_max_distance)
+        for name in ("relative_attention_values", "relative_attention_per_head"):
+            if getattr(self, name) and self.position_embedding_type != "relative":
+                raise ValueError(
+                    f"{name}=True needs position_embedding_type='relative', got {self.position_embedding_type!r}."
+                )
+        if self.position_embedding_type in ("sinusoidal", "rotary") and self.head_dim_for_positions % 2:
+            raise ValueError(
+                f"position_embedding_type={self.position_embedding_type!r} needs an even size, got "
+                f"{self.head_dim_for_positions} (hidden_size / num_attention_heads for rotary, hidden_size for "
+                "sinusoidal)."
+            )
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if self.position_embedding_type == "rotary":
+            _require_choice("rope_parameters['rope_type']", rope_type, ROPE_TYPES)
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
+        for name in ("layer_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def head_dim_for_positions(self) -> int:
+        """The size a sinusoidal table (hidden size) or a rotation (head size) spans."""
+        return self.head_dim if self.position_embedding_type == "rotary" else self.hidden_size
+
+
+def _require_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _require_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+
+
+__all__ = ["RelformerConfig"]

@@ -1,0 +1,16 @@
+"""Fixtures: the real assets installed by scripts/fetch_assets.sh."""
+
+from pathlib import Path
+
+import pytest
+
+from helpers import ASSETS
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_path() -> Path:
+    """The real GPT-2 BPE tokenizer installed by scripts/fetch_assets.sh."""
+    path = ASSETS / "gpt2-tokenizer"
+    if not (path / "vocab.json").is_file():
+        pytest.fail(f"GPT-2 tokenizer missing in {path}: run `bash scripts/fetch_assets.sh` first.")
+    return path

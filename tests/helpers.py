@@ -1,0 +1,66 @@
+"""Test helpers: tiny configs and weights large enough that generation tests can fail."""
+
+import os
+from pathlib import Path
+
+import torch
+
+import hf_relformer  # noqa: F401  (registers the Auto classes)
+from hf_relformer import RelformerConfig, RelformerForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("RELFORMER_ASSETS", REPO_ROOT / "assets"))
+
+# Every position scheme, as config overrides; the relative ones cover keys / keys+values, shared / per-head.
+SCHEMES = {
+    "relative": {"position_embedding_type": "relative"},
+    "relative_values": {"position_embedding_type": "relative", "relative_attention_values": True},
+    "relative_per_head": {"position_embedding_type": "relative", "relative_attention_per_head": True},
+    "relative_values_per_head": {
+        "position_embedding_type": "relative",
+        "relative_attention_values": True,
+        "relative_attention_per_head": True,
+    },
+    "sinusoidal": {"position_embedding_type": "sinusoidal"},
+    "learned": {"position_embedding_type": "learned"},
+    "rotary": {"position_embedding_type": "rotary"},
+    "none": {"position_embedding_type": "none"},
+}
+
+
+def tiny_config(**overrides) -> RelformerConfig:
+    """A 2-layer model small enough for fast CPU tests; k = 3 so that tests run both below and above k."""
+    values = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        relative_attention_max_distance=3,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    values.update(overrides)
+    return RelformerConfig(**values)
+
+
+@torch.no_grad()
+def redraw_weights(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Redraw every matrix with a large std: at the default init (0.02) greedy decoding repeats one token, so a
+    cache, padding or beam test on such a model could never fail."""
+    generator = torch.Generator().manual_seed(seed)
+    for parameter in model.parameters():
+        if parameter.dim() > 1:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return model.eval()
+
+
+def tiny_lm(scheme: str = "relative", seed: int = 0, **overrides) -> RelformerForCausalLM:
+    """A tiny causal LM of one scheme with large random weights, in eval mode."""
+    torch.manual_seed(seed)
+    model = RelformerForCausalLM(tiny_config(**SCHEMES[scheme], **overrides))
+    return redraw_weights(model, seed=seed)
