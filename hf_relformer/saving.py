@@ -1,0 +1,35 @@
+"""Writing model folders so that nothing is ever half-written: build in a temporary sibling, then rename."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+
+class SavesPretrained(Protocol):
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> object: ...
+
+
+def save_pretrained_atomically(output_dir: str | os.PathLike, *objects: SavesPretrained) -> Path:
+    """Save every object (model, tokenizer, ...) into `output_dir` as one step.
+
+    Everything is written into a temporary folder next to `output_dir`, which then replaces it by renames: if the
+    process dies midway, `output_dir` still holds its previous complete content (or does not exist).
+    """
+    output_dir = Path(output_dir).resolve()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        for obj in objects:
+            obj.save_pretrained(staging)
+        if output_dir.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            os.replace(output_dir, previous / output_dir.name)
+            os.replace(staging, output_dir)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir

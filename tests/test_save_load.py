@@ -1,0 +1,106 @@
+"""Saving and loading: safetensors with the modeling code and an auto_map, exact round trips through the Auto
+classes, and loading with trust_remote_code in a fresh process where hf_relformer cannot be imported."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModel, AutoModelForCausalLM
+
+from hf_relformer import RelformerForCausalLM, RelformerModel
+
+from helpers import SCHEMES, tiny_lm
+
+IDS = torch.tensor([[5, 17, 33, 8, 41, 12, 7, 19]])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_save_load_gives_identical_logits(scheme, tmp_path):
+    model = tiny_lm(scheme)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is RelformerForCausalLM
+    assert loaded.config._attn_implementation == model.config._attn_implementation
+    with torch.no_grad():  # non-persistent buffers (sinusoidal, rotary) are refilled after loading
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, atol=0, rtol=0)
+
+
+def test_checkpoint_files_tied_weights_and_auto_map(tmp_path):
+    model = tiny_lm("relative_values_per_head")
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= files
+    assert {"configuration_relformer.py", "modeling_relformer.py", "positions_relformer.py"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # tied: stored once
+    assert "model.layers.0.self_attn.position.relative_value_table" in keys
+    loaded = RelformerForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_backbone_and_head_checkpoints_load_into_each_other(tmp_path):
+    model = tiny_lm("rotary")
+    model.save_pretrained(tmp_path / "lm")
+    backbone = AutoModel.from_pretrained(tmp_path / "lm")
+    assert type(backbone) is RelformerModel
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(IDS).last_hidden_state, model.model(IDS).last_hidden_state)
+    backbone.save_pretrained(tmp_path / "backbone")
+    head = RelformerForCausalLM.from_pretrained(tmp_path / "backbone")  # lm_head is tied: nothing missing
+    with torch.no_grad():
+        torch.testing.assert_close(head(IDS).logits, model(IDS).logits)
+
+
+REMOTE_SCRIPT = """
+import json, sys
+sys.modules["hf_relformer"] = None  # as on a machine where the package is not installed
+try:
+    import hf_relformer
+    raise SystemExit("hf_relformer is importable")
+except ImportError:
+    pass
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+path, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
+config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+backbone = AutoModel.from_pretrained(path, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+with torch.no_grad():
+    logits = model(ids).logits
+    hidden = backbone(ids).last_hidden_state
+generated = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+print(json.dumps({"config": type(config).__name__, "logits": logits.tolist(), "hidden": hidden.tolist(),
+                  "generated": generated.tolist()}))
+"""
+
+
+@pytest.mark.parametrize("scheme", ["relative_values_per_head", "sinusoidal"])
+def test_remote_code_load_in_a_fresh_process(scheme, tmp_path):
+    model = tiny_lm(scheme)
+    model.save_pretrained(tmp_path / "checkpoint")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path / "checkpoint"), json.dumps(IDS.tolist())],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["config"] == "RelformerConfig"
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(remote["logits"]), model(IDS).logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.tensor(remote["hidden"]), model.model(IDS).last_hidden_state)
+    expected = model.generate(IDS, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert remote["generated"] == expected.tolist()
