@@ -4,14 +4,23 @@ Importing the package registers Relformer with the Auto classes and marks every 
 `save_pretrained` writes the modeling code and an `auto_map` next to the weights.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from .configuration_relformer import RelformerConfig
-from .modeling_relformer import RelformerForCausalLM, RelformerModel, RelformerPreTrainedModel
+from .modeling_relformer import (
+    RelformerForCausalLM,
+    RelformerForConditionalGeneration,
+    RelformerModel,
+    RelformerPreTrainedModel,
+)
 
 __version__ = "0.1.0"
 
-_AUTO_CLASSES = {AutoModel: RelformerModel, AutoModelForCausalLM: RelformerForCausalLM}
+_AUTO_CLASSES = {
+    AutoModel: RelformerModel,
+    AutoModelForCausalLM: RelformerForCausalLM,
+    AutoModelForSeq2SeqLM: RelformerForConditionalGeneration,
+}
 
 AutoConfig.register(RelformerConfig.model_type, RelformerConfig, exist_ok=True)
 RelformerConfig.register_for_auto_class()
@@ -19,4 +28,11 @@ for _auto_class, _model_class in _AUTO_CLASSES.items():
     _auto_class.register(RelformerConfig, _model_class, exist_ok=True)
     _model_class.register_for_auto_class(_auto_class.__name__)
 
-__all__ = ["RelformerConfig", "RelformerForCausalLM", "RelformerModel", "RelformerPreTrainedModel", "__version__"]
+__all__ = [
+    "RelformerConfig",
+    "RelformerForCausalLM",
+    "RelformerForConditionalGeneration",
+    "RelformerModel",
+    "RelformerPreTrainedModel",
+    "__version__",
+]

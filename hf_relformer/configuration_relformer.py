@@ -19,6 +19,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_relformer.RelformerConfig",
     "AutoModel": "modeling_relformer.RelformerModel",
     "AutoModelForCausalLM": "modeling_relformer.RelformerForCausalLM",
+    "AutoModelForSeq2SeqLM": "modeling_relformer.RelformerForConditionalGeneration",
 }
 
 
@@ -27,6 +28,9 @@ class RelformerConfig(PreTrainedConfig):
 
     The form is chosen by two flags: `is_encoder_decoder=True` builds an encoder and a decoder; otherwise
     `is_decoder=True` (the default) builds a causal decoder-only model and `is_decoder=False` an encoder.
+    An encoder-decoder has `encoder_layers` and `decoder_layers` (both default to `num_hidden_layers`; these names
+    let `generate` size its cache from the decoder depth) and shares one embedding between encoder, decoder and
+    output layer when `tie_word_embeddings=True`, as in Vaswani et al. (2017).
 
     Position schemes (`position_embedding_type`):
     - `"relative"`: Shaw et al. (2018) relative positions inside self-attention, distances clipped to
@@ -51,6 +55,8 @@ class RelformerConfig(PreTrainedConfig):
     vocab_size: int = 32000
     hidden_size: int = 512
     num_hidden_layers: int = 6
+    encoder_layers: int | None = None
+    decoder_layers: int | None = None
     num_attention_heads: int = 8
     num_key_value_heads: int | None = None
     intermediate_size: int = 2048
@@ -84,6 +90,9 @@ class RelformerConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.is_encoder_decoder:
+            self.encoder_layers = self.num_hidden_layers if self.encoder_layers is None else self.encoder_layers
+            self.decoder_layers = self.num_hidden_layers if self.decoder_layers is None else self.decoder_layers
         self.auto_map = {**AUTO_MAP, **(kwargs.pop("auto_map", None) or {})}
         super().__post_init__(**kwargs)
         self.validate()
@@ -100,6 +109,9 @@ class RelformerConfig(PreTrainedConfig):
             "max_position_embeddings",
         ):
             _require_positive_int(name, getattr(self, name))
+        if self.is_encoder_decoder:
+            _require_positive_int("encoder_layers", self.encoder_layers)
+            _require_positive_int("decoder_layers", self.decoder_layers)
         _require_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _require_choice("layer_norm_position", self.layer_norm_position, LAYER_NORM_POSITIONS)
         _require_choice("norm_type", self.norm_type, NORM_TYPES)

@@ -12,16 +12,22 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithPast,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_relformer import RelformerConfig
 from .positions_relformer import (
@@ -118,13 +124,19 @@ def eager_attention_forward(
 
 
 class RelformerAttention(nn.Module):
-    """Multi-head (grouped-query) attention: project, apply the position scheme, run the attention backend."""
+    """Multi-head (grouped-query) attention: project, apply the position scheme, run the attention backend.
+
+    Self-attention reads keys and values from its own input and owns the position scheme's attention part;
+    cross-attention (`is_cross_attention=True`) reads them from the encoder output, once per generation, and has
+    no position term (as in Shaw et al.).
+    """
 
     def __init__(self, config: RelformerConfig, layer_idx: int, is_causal: bool, is_cross_attention: bool = False):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.is_causal = is_causal  # read by the SDPA backend when no mask is given
+        self.is_cross_attention = is_cross_attention
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
@@ -134,7 +146,6 @@ class RelformerAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
-        # Shaw used relative positions in self-attention only, never in cross-attention.
         attention_part = (
             NoAttentionPositions if is_cross_attention else POSITION_SCHEMES[config.position_embedding_type][1]
         )
@@ -146,18 +157,23 @@ class RelformerAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_inputs: object = None,
         past_key_values: Cache | None = None,
+        key_value_states: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states `[B, L, hidden]` -> (output `[B, L, hidden]`, probabilities `[B, H, L, Lk]` or None)."""
+        """hidden_states `[B, L, hidden]` (and for cross-attention the encoder output `key_value_states`
+        `[B, Ls, hidden]`) -> (output `[B, L, hidden]`, probabilities `[B, H, L, Lk]` or None)."""
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-
-        query, key, position_kwargs = self.position(query, key, position_inputs)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        if self.is_cross_attention:
+            key, value = self._cross_key_value(key_value_states, past_key_values)
+            position_kwargs = {}
+        else:
+            key, value = self._project_key_value(hidden_states)
+            query, key, position_kwargs = self.position(query, key, position_inputs)
+            if past_key_values is not None:
+                if isinstance(past_key_values, EncoderDecoderCache):
+                    past_key_values = past_key_values.self_attention_cache
+                key, value = past_key_values.update(key, value, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -176,15 +192,39 @@ class RelformerAttention(nn.Module):
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
+    def _project_key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, L, hidden]` -> keys and values `[B, H_kv, L, D]`."""
+        shape = (*states.shape[:-1], -1, self.head_dim)
+        return self.k_proj(states).view(shape).transpose(1, 2), self.v_proj(states).view(shape).transpose(1, 2)
+
+    def _cross_key_value(
+        self, encoder_states: torch.Tensor, past_key_values: Cache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys/values: projected from the encoder output once, then read from the cache."""
+        if not isinstance(past_key_values, EncoderDecoderCache):
+            return self._project_key_value(encoder_states)
+        cross_cache = past_key_values.cross_attention_cache
+        if past_key_values.is_updated.get(self.layer_idx):
+            return cross_cache.layers[self.layer_idx].keys, cross_cache.layers[self.layer_idx].values
+        key, value = cross_cache.update(*self._project_key_value(encoder_states), self.layer_idx)
+        past_key_values.is_updated[self.layer_idx] = True
+        return key, value
+
 
 class RelformerLayer(GradientCheckpointingLayer):
-    """Self-attention and feed-forward, each in a residual branch with a pre- or post-norm."""
+    """Self-attention, cross-attention (decoder of an encoder-decoder only) and feed-forward, each in a residual
+    branch with a pre- or post-norm."""
 
-    def __init__(self, config: RelformerConfig, layer_idx: int, is_causal: bool):
+    def __init__(self, config: RelformerConfig, layer_idx: int, is_causal: bool, has_cross_attention: bool = False):
         super().__init__()
         self.pre_norm = config.layer_norm_position == "pre"
         self.self_attn = RelformerAttention(config, layer_idx, is_causal=is_causal)
         self.self_attn_norm = build_norm(config)
+        if has_cross_attention:
+            self.cross_attn = RelformerAttention(config, layer_idx, is_causal=False, is_cross_attention=True)
+            self.cross_attn_norm = build_norm(config)
+        else:
+            self.cross_attn = self.cross_attn_norm = None
         self.mlp = RelformerFeedForward(config)
         self.mlp_norm = build_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
@@ -193,6 +233,8 @@ class RelformerLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         position_inputs: object = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
@@ -200,11 +242,21 @@ class RelformerLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         """hidden_states `[B, L, hidden]` -> `[B, L, hidden]`."""
 
-        def attention(x: torch.Tensor) -> torch.Tensor:
-            x, _ = self.self_attn(x, attention_mask, position_inputs, past_key_values, **kwargs)
-            return x
+        def self_attention(x: torch.Tensor) -> torch.Tensor:
+            return self.self_attn(x, attention_mask, position_inputs, past_key_values, **kwargs)[0]
 
-        hidden_states = self._residual(hidden_states, attention, self.self_attn_norm)
+        def cross_attention(x: torch.Tensor) -> torch.Tensor:
+            return self.cross_attn(
+                x,
+                encoder_attention_mask,
+                past_key_values=past_key_values,
+                key_value_states=encoder_hidden_states,
+                **kwargs,
+            )[0]
+
+        hidden_states = self._residual(hidden_states, self_attention, self.self_attn_norm)
+        if self.cross_attn is not None:
+            hidden_states = self._residual(hidden_states, cross_attention, self.cross_attn_norm)
         return self._residual(hidden_states, self.mlp, self.mlp_norm)
 
     def _residual(self, hidden_states: torch.Tensor, sublayer: Callable, norm: nn.Module) -> torch.Tensor:
@@ -224,7 +276,11 @@ class RelformerPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = False
     _can_compile_fullgraph = False
-    _can_record_outputs = {"hidden_states": RelformerLayer, "attentions": RelformerAttention}
+    _can_record_outputs = {
+        "hidden_states": RelformerLayer,
+        "attentions": OutputRecorder(RelformerAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(RelformerAttention, index=1, layer_name="cross_attn"),
+    }
 
     def _check_and_adjust_attn_implementation(
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
@@ -264,31 +320,34 @@ def _require_form(config: RelformerConfig, head: str, form: str) -> None:
             "encoder": "is_decoder=False, is_encoder_decoder=False",
             "encoder-decoder": "is_encoder_decoder=True",
         }
-        raise ValueError(f"{head} needs a {form} config ({flags[form]}); this config is {actual}.")
+        article = "an" if form[0] in "ae" else "a"
+        raise ValueError(f"{head} needs {article} {form} config ({flags[form]}); this config is {actual}.")
 
 
-class RelformerModel(RelformerPreTrainedModel):
-    """The bare Relformer stack: embeddings -> position scheme -> layers -> final norm.
+class RelformerStack(RelformerPreTrainedModel):
+    """One stack of layers: token embeddings -> position scheme -> layers -> final norm (pre-norm only).
 
-    `is_decoder=True` gives a causal decoder (with a key/value cache), `is_decoder=False` a bidirectional encoder.
-    Returns `last_hidden_state` `[B, L, hidden_size]`.
+    A causal decoder (key/value cache; with `has_cross_attention`, the decoder of an encoder-decoder) or a
+    bidirectional encoder. Returns `last_hidden_state` `[B, L, hidden_size]`.
     """
 
-    def __init__(self, config: RelformerConfig):
+    def __init__(
+        self,
+        config: RelformerConfig,
+        is_causal: bool,
+        num_layers: int,
+        has_cross_attention: bool = False,
+        embed_tokens: nn.Embedding | None = None,
+    ):
         super().__init__(config)
-        if config.is_encoder_decoder:
-            raise NotImplementedError(
-                "The encoder-decoder form (is_encoder_decoder=True) is not available yet; "
-                "use is_decoder=True (decoder-only) or is_decoder=False (encoder)."
-            )
-        self.is_causal = config.is_decoder
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.is_causal = is_causal
+        self.embed_tokens = embed_tokens or nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embed_scale = config.hidden_size**0.5 if config.scale_embedding else 1.0
-        self.embed_positions = POSITION_SCHEMES[config.position_embedding_type][0](config, causal=self.is_causal)
+        self.embed_positions = POSITION_SCHEMES[config.position_embedding_type][0](config, causal=is_causal)
         self.embed_norm = build_norm(config) if config.embedding_layer_norm else None
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(
-            [RelformerLayer(config, i, is_causal=self.is_causal) for i in range(config.num_hidden_layers)]
+            [RelformerLayer(config, i, is_causal, has_cross_attention) for i in range(num_layers)]
         )
         self.norm = build_norm(config) if config.layer_norm_position == "pre" else None
         self.gradient_checkpointing = False
@@ -303,10 +362,14 @@ class RelformerModel(RelformerPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
-        """input_ids `[B, L]` (or inputs_embeds `[B, L, hidden]`), attention_mask `[B, past + L]` (1 = token)."""
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        """input_ids `[B, L]` (or inputs_embeds `[B, L, hidden]`), attention_mask `[B, past + L]` (1 = token);
+        for a decoder with cross-attention, encoder_hidden_states `[B, Ls, hidden]` and encoder_attention_mask
+        `[B, Ls]`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
@@ -315,16 +378,23 @@ class RelformerModel(RelformerPreTrainedModel):
             use_cache, past_key_values = False, None
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+            if encoder_hidden_states is not None:
+                past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
+        self_attention_cache = (
+            past_key_values.self_attention_cache
+            if isinstance(past_key_values, EncoderDecoderCache)
+            else past_key_values
+        )
 
         query_length = inputs_embeds.shape[1]
         past_length, key_length = 0, query_length
-        if past_key_values is not None:
-            past_length = past_key_values.get_seq_length()
+        if self_attention_cache is not None:
+            past_length = self_attention_cache.get_seq_length()
             if isinstance(past_length, torch.Tensor):  # a static cache updates its length tensor in place
                 past_length = past_length.clone()
-            key_length = past_key_values.get_mask_sizes(query_length, 0)[0]
+            key_length = self_attention_cache.get_mask_sizes(query_length, 0)[0]
         if position_ids is None:
-            position_ids = (torch.arange(query_length, device=inputs_embeds.device) + past_length).unsqueeze(0)
+            position_ids = default_position_ids(attention_mask, query_length, past_length, inputs_embeds.device)
 
         hidden_states, position_inputs = self.embed_positions(inputs_embeds, position_ids, past_length, key_length)
         if self.embed_norm is not None:
@@ -332,14 +402,20 @@ class RelformerModel(RelformerPreTrainedModel):
         hidden_states = self.dropout(hidden_states)
 
         if self.is_causal:
-            mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+            mask = create_causal_mask(self.config, inputs_embeds, attention_mask, self_attention_cache, position_ids)
         else:
             mask = create_bidirectional_mask(self.config, inputs_embeds, attention_mask)
+        if encoder_hidden_states is not None:
+            encoder_attention_mask = create_bidirectional_mask(
+                self.config, inputs_embeds, encoder_attention_mask, encoder_hidden_states=encoder_hidden_states
+            )
 
         for layer in self.layers:
             hidden_states = layer(
                 hidden_states,
-                attention_mask=mask,
+                mask,
+                encoder_hidden_states,  # positional, for activation checkpointing
+                encoder_attention_mask=encoder_attention_mask,
                 position_inputs=position_inputs,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
@@ -347,7 +423,109 @@ class RelformerModel(RelformerPreTrainedModel):
             )
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states, past_key_values=past_key_values
+        )
+
+
+def default_position_ids(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int | torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Positions `[B or 1, L]` of the queries: counted over real tokens when a 2-D mask is given (so padding
+    never shifts an absolute position), else `past_length + arange(L)`."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
+    return (torch.arange(query_length, device=device) + past_length).unsqueeze(0)
+
+
+class RelformerModel(RelformerStack):
+    """The bare Relformer of the configured form.
+
+    - decoder-only (`is_decoder=True`) or encoder (`is_decoder=False`): one `RelformerStack` (this module itself);
+      `forward(input_ids, attention_mask, ...)` returns `last_hidden_state` `[B, L, hidden_size]`.
+    - encoder-decoder (`is_encoder_decoder=True`): `encoder` and `decoder` stacks sharing one embedding when
+      `tie_word_embeddings`; `forward(input_ids, attention_mask, decoder_input_ids, ...)` returns the decoder's
+      `last_hidden_state` `[B, Lt, hidden_size]` with the encoder's output.
+    """
+
+    def __init__(self, config: RelformerConfig):
+        if not config.is_encoder_decoder:
+            super().__init__(config, is_causal=config.is_decoder, num_layers=config.num_hidden_layers)
+            return
+        RelformerPreTrainedModel.__init__(self, config)
+        self._tied_weights_keys = {"decoder.embed_tokens.weight": "encoder.embed_tokens.weight"}
+        self.encoder = RelformerStack(config, is_causal=False, num_layers=config.encoder_layers)
+        self.decoder = RelformerStack(
+            config, is_causal=True, num_layers=config.decoder_layers, has_cross_attention=True
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return (self.encoder if self.config.is_encoder_decoder else self).embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        if self.config.is_encoder_decoder:
+            self.encoder.embed_tokens = self.decoder.embed_tokens = value
+        else:
+            self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPastAndCrossAttentions | Seq2SeqModelOutput:
+        if not self.config.is_encoder_decoder:
+            if decoder_input_ids is not None or decoder_inputs_embeds is not None or encoder_outputs is not None:
+                raise ValueError("decoder_* inputs and encoder_outputs need an encoder-decoder config.")
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            raise ValueError(
+                "An encoder-decoder Relformer needs decoder_input_ids (or decoder_inputs_embeds, or labels for "
+                "RelformerForConditionalGeneration, which are shifted into decoder inputs)."
+            )
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+            )
+        elif not isinstance(encoder_outputs, ModelOutput):  # a tuple (last_hidden_state, hidden_states, attentions)
+            encoder_outputs = BaseModelOutput(*encoder_outputs)
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=decoder_inputs_embeds,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            past_key_values=decoder_outputs.past_key_values,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
 
 
 class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
@@ -376,7 +554,7 @@ class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         """Logits `[B, L, vocab]`; with `labels` `[B, L]` (-100 ignored) also the next-token loss (shifted inside)."""
-        outputs: BaseModelOutputWithPast = self.model(
+        outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -398,4 +576,86 @@ class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["RelformerForCausalLM", "RelformerModel", "RelformerPreTrainedModel"]
+def shift_tokens_right(labels: torch.Tensor, pad_token_id: int | None, decoder_start_token_id: int | None):
+    """Decoder inputs `[B, Lt]` from labels: `decoder_start_token_id`, then labels[:, :-1] (-100 -> pad)."""
+    if decoder_start_token_id is None or pad_token_id is None:
+        raise ValueError(
+            "Building decoder inputs from labels needs config.decoder_start_token_id and config.pad_token_id."
+        )
+    shifted = labels.new_full(labels.shape, decoder_start_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+class RelformerForConditionalGeneration(RelformerPreTrainedModel, GenerationMixin):
+    """Encoder-decoder Relformer with a language-modelling head: the Transformer of Vaswani et al. (2017)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.encoder.embed_tokens.weight"}
+
+    def __init__(self, config: RelformerConfig):
+        _require_form(config, type(self).__name__, "encoder-decoder")
+        super().__init__(config)
+        self.loss_type = "ForMaskedLM"  # labels are already aligned with the logits: no second shift
+        self.model = RelformerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> Seq2SeqLMOutput:
+        """Logits `[B, Lt, vocab]`; `labels` `[B, Lt]` (-100 ignored) are shifted into decoder inputs when those
+        are not given, and the loss compares logit t with label t."""
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+        )
+
+
+__all__ = [
+    "RelformerForCausalLM",
+    "RelformerForConditionalGeneration",
+    "RelformerModel",
+    "RelformerPreTrainedModel",
+    "RelformerStack",
+]

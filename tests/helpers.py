@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 import hf_relformer  # noqa: F401  (registers the Auto classes)
-from hf_relformer import RelformerConfig, RelformerForCausalLM
+from hf_relformer import RelformerConfig, RelformerForCausalLM, RelformerForConditionalGeneration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("RELFORMER_ASSETS", REPO_ROOT / "assets"))
@@ -64,3 +64,12 @@ def tiny_lm(scheme: str = "relative", seed: int = 0, **overrides) -> RelformerFo
     torch.manual_seed(seed)
     model = RelformerForCausalLM(tiny_config(**SCHEMES[scheme], **overrides))
     return redraw_weights(model, seed=seed)
+
+
+def tiny_seq2seq(scheme: str = "relative", seed: int = 0, **overrides) -> RelformerForConditionalGeneration:
+    """A tiny encoder-decoder: encoder of 2 layers, decoder of 3 (different depths on purpose), large weights."""
+    config = tiny_config(
+        **SCHEMES[scheme], is_encoder_decoder=True, decoder_layers=3, decoder_start_token_id=1, **overrides
+    )
+    torch.manual_seed(seed)
+    return redraw_weights(RelformerForConditionalGeneration(config), seed=seed)

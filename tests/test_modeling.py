@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
-from hf_relformer import RelformerForCausalLM, RelformerModel
+from hf_relformer import RelformerForCausalLM, RelformerForConditionalGeneration, RelformerModel
 
 from helpers import SCHEMES, redraw_weights, tiny_config, tiny_lm
 
@@ -88,8 +88,10 @@ def test_encoder_form_is_bidirectional(scheme):
 def test_heads_refuse_a_form_they_cannot_serve():
     with pytest.raises(ValueError, match="RelformerForCausalLM needs a decoder-only config"):
         RelformerForCausalLM(tiny_config(is_decoder=False))
-    with pytest.raises(NotImplementedError, match="encoder-decoder"):
-        RelformerModel(tiny_config(is_encoder_decoder=True))
+    with pytest.raises(ValueError, match="RelformerForCausalLM needs a decoder-only config"):
+        RelformerForCausalLM(tiny_config(is_encoder_decoder=True))
+    with pytest.raises(ValueError, match="RelformerForConditionalGeneration needs an encoder-decoder config"):
+        RelformerForConditionalGeneration(tiny_config())
     model = tiny_lm("relative")
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
         model(input_ids=IDS, inputs_embeds=torch.zeros(2, 8, 32))

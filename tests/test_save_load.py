@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from hf_relformer import RelformerForCausalLM, RelformerModel
 
-from helpers import SCHEMES, tiny_lm
+from helpers import SCHEMES, tiny_lm, tiny_seq2seq
 
 IDS = torch.tensor([[5, 17, 33, 8, 41, 12, 7, 19]])
 
@@ -37,7 +37,7 @@ def test_checkpoint_files_tied_weights_and_auto_map(tmp_path):
     assert {"configuration_relformer.py", "modeling_relformer.py", "positions_relformer.py"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSeq2SeqLM"}
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # tied: stored once
@@ -68,28 +68,38 @@ try:
 except ImportError:
     pass
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-path, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
-config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-backbone = AutoModel.from_pretrained(path, trust_remote_code=True)
+import transformers
+path, auto_name, inputs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+inputs = {name: torch.tensor(value) for name, value in inputs.items()}
+config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=True)
+model = getattr(transformers, auto_name).from_pretrained(path, trust_remote_code=True)
+transformers.AutoModel.from_pretrained(path, trust_remote_code=True)
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 with torch.no_grad():
-    logits = model(ids).logits
-    hidden = backbone(ids).last_hidden_state
-generated = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
-print(json.dumps({"config": type(config).__name__, "logits": logits.tolist(), "hidden": hidden.tolist(),
-                  "generated": generated.tolist()}))
+    logits = model(**inputs).logits
+generated = model.generate(inputs["input_ids"], max_new_tokens=10, min_new_tokens=10, do_sample=False)
+print(json.dumps({"config": type(config).__name__, "logits": logits.tolist(), "generated": generated.tolist()}))
 """
 
+SEQ2SEQ_INPUTS = {"input_ids": IDS, "decoder_input_ids": torch.tensor([[1, 9, 4, 22]])}
 
-@pytest.mark.parametrize("scheme", ["relative_values_per_head", "sinusoidal"])
-def test_remote_code_load_in_a_fresh_process(scheme, tmp_path):
-    model = tiny_lm(scheme)
+
+@pytest.mark.parametrize(
+    ("build", "auto_name", "inputs"),
+    [
+        (lambda: tiny_lm("relative_values_per_head"), "AutoModelForCausalLM", {"input_ids": IDS}),
+        (lambda: tiny_lm("sinusoidal"), "AutoModelForCausalLM", {"input_ids": IDS}),
+        (lambda: tiny_seq2seq("relative"), "AutoModelForSeq2SeqLM", SEQ2SEQ_INPUTS),
+    ],
+    ids=["causal-relative-values", "causal-sinusoidal", "seq2seq-relative"],
+)
+def test_remote_code_load_in_a_fresh_process(build, auto_name, inputs, tmp_path):
+    model = build()
     model.save_pretrained(tmp_path / "checkpoint")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    json_inputs = json.dumps({name: value.tolist() for name, value in inputs.items()})
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path / "checkpoint"), json.dumps(IDS.tolist())],
+        [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path / "checkpoint"), auto_name, json_inputs],
         capture_output=True,
         text=True,
         env=env,
@@ -100,7 +110,6 @@ def test_remote_code_load_in_a_fresh_process(scheme, tmp_path):
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     assert remote["config"] == "RelformerConfig"
     with torch.no_grad():
-        torch.testing.assert_close(torch.tensor(remote["logits"]), model(IDS).logits, atol=1e-6, rtol=0)
-        torch.testing.assert_close(torch.tensor(remote["hidden"]), model.model(IDS).last_hidden_state)
+        torch.testing.assert_close(torch.tensor(remote["logits"]), model(**inputs).logits, atol=1e-6, rtol=0)
     expected = model.generate(IDS, max_new_tokens=10, min_new_tokens=10, do_sample=False)
     assert remote["generated"] == expected.tolist()
