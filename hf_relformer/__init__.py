@@ -5,6 +5,7 @@ Importing the package registers Relformer with the Auto classes and marks every 
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_relformer import RelformerConfig
 from .modeling_relformer import (
@@ -13,6 +14,8 @@ from .modeling_relformer import (
     RelformerModel,
     RelformerPreTrainedModel,
 )
+from .pipeline_relformer import TASK as TEXT2TEXT_TASK
+from .pipeline_relformer import RelformerText2TextPipeline
 
 __version__ = "0.1.0"
 
@@ -28,11 +31,16 @@ for _auto_class, _model_class in _AUTO_CLASSES.items():
     _auto_class.register(RelformerConfig, _model_class, exist_ok=True)
     _model_class.register_for_auto_class(_auto_class.__name__)
 
+PIPELINE_REGISTRY.register_pipeline(
+    TEXT2TEXT_TASK, pipeline_class=RelformerText2TextPipeline, pt_model=AutoModelForSeq2SeqLM, type="text"
+)
+
 __all__ = [
     "RelformerConfig",
     "RelformerForCausalLM",
     "RelformerForConditionalGeneration",
     "RelformerModel",
     "RelformerPreTrainedModel",
+    "RelformerText2TextPipeline",
     "__version__",
 ]

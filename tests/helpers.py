@@ -68,8 +68,7 @@ def tiny_lm(scheme: str = "relative", seed: int = 0, **overrides) -> RelformerFo
 
 def tiny_seq2seq(scheme: str = "relative", seed: int = 0, **overrides) -> RelformerForConditionalGeneration:
     """A tiny encoder-decoder: encoder of 2 layers, decoder of 3 (different depths on purpose), large weights."""
-    config = tiny_config(
-        **SCHEMES[scheme], is_encoder_decoder=True, decoder_layers=3, decoder_start_token_id=1, **overrides
-    )
+    values = {"is_encoder_decoder": True, "decoder_layers": 3, "decoder_start_token_id": 1, **overrides}
+    config = tiny_config(**SCHEMES[scheme], **values)
     torch.manual_seed(seed)
     return redraw_weights(RelformerForConditionalGeneration(config), seed=seed)
