@@ -337,11 +337,10 @@ class RelformerStack(RelformerPreTrainedModel):
         is_causal: bool,
         num_layers: int,
         has_cross_attention: bool = False,
-        embed_tokens: nn.Embedding | None = None,
     ):
         super().__init__(config)
         self.is_causal = is_causal
-        self.embed_tokens = embed_tokens or nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embed_scale = config.hidden_size**0.5 if config.scale_embedding else 1.0
         self.embed_positions = POSITION_SCHEMES[config.position_embedding_type][0](config, causal=is_causal)
         self.embed_norm = build_norm(config) if config.embedding_layer_norm else None

@@ -180,3 +180,15 @@ def test_embeddings_are_shared_like_the_paper(tmp_path):
     torch.testing.assert_close(generate(loaded, ids, mask)[1], generate(model, ids, mask)[1])
     untied = tiny_seq2seq("relative", tie_word_embeddings=False)
     assert untied.model.decoder.embed_tokens.weight is not untied.model.encoder.embed_tokens.weight
+
+
+@pytest.mark.parametrize("scheme", ["relative_values", "learned"])
+def test_sampling_cached_equals_uncached(scheme):
+    model = tiny_seq2seq(scheme)
+    ids, mask = padded(SOURCES)
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(5)
+        outputs.append(generate(model, ids, mask, do_sample=True, top_k=20, use_cache=use_cache))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0])
+    torch.testing.assert_close(outputs[1][1], outputs[0][1], atol=1e-4, rtol=1e-4)
