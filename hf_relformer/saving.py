@@ -33,3 +33,18 @@ def save_pretrained_atomically(output_dir: str | os.PathLike, *objects: SavesPre
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def write_atomically(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write one file through a temporary sibling and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data.encode() if isinstance(data, str) else data)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
