@@ -127,6 +127,7 @@ class DemoSettings:
             vocab_size=len(VOCAB), hidden_size=self.hidden_size, num_hidden_layers=self.layers,
             num_attention_heads=self.heads, intermediate_size=4 * self.hidden_size,
             max_position_embeddings=longest, relative_attention_max_distance=self.max_distance,
+            scale_embedding=True,  # as Vaswani et al.: else token embeddings drown in a sinusoidal table
             hidden_dropout=0.0, attention_dropout=0.0, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
             **SCHEMES[scheme],
         )  # fmt: skip
@@ -186,14 +187,15 @@ def summarize(records: list[dict], settings: DemoSettings) -> list[dict]:
 
 def markdown_table(rows: list[dict], settings: DemoSettings) -> str:
     spread = len(settings.seeds) > 1
-    header = ["task", "scheme", *[f"exact @ {m}x" for m in settings.multipliers], "symbols @ 1x"]
+    header = ["task", "scheme", *[f"exact @ {m}x" for m in settings.multipliers]]
+    header += [f"symbols @ {m}x" for m in settings.multipliers]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["task"], row["scheme"]]
         for m in settings.multipliers:
             mean, std = row[f"{m}x"]
             cells.append(f"{mean:.2f} ± {std:.2f}" if spread else f"{mean:.2f}")
-        cells.append(f"{row[f'{settings.multipliers[0]}x_symbol']:.2f}")
+        cells += [f"{row[f'{m}x_symbol']:.2f}" for m in settings.multipliers]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
