@@ -127,7 +127,6 @@ class DemoSettings:
             vocab_size=len(VOCAB), hidden_size=self.hidden_size, num_hidden_layers=self.layers,
             num_attention_heads=self.heads, intermediate_size=4 * self.hidden_size,
             max_position_embeddings=longest, relative_attention_max_distance=self.max_distance,
-            scale_embedding=True,  # as Vaswani et al.: else token embeddings drown in a sinusoidal table
             hidden_dropout=0.0, attention_dropout=0.0, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
             **SCHEMES[scheme],
         )  # fmt: skip
