@@ -4,13 +4,24 @@ Importing the package registers Relformer with the Auto classes and marks every 
 `save_pretrained` writes the modeling code and an `auto_map` next to the weights.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_relformer import RelformerConfig
 from .modeling_relformer import (
     RelformerForCausalLM,
     RelformerForConditionalGeneration,
+    RelformerForMaskedLM,
+    RelformerForSequenceClassification,
+    RelformerForTokenClassification,
     RelformerModel,
     RelformerPreTrainedModel,
 )
@@ -23,6 +34,9 @@ _AUTO_CLASSES = {
     AutoModel: RelformerModel,
     AutoModelForCausalLM: RelformerForCausalLM,
     AutoModelForSeq2SeqLM: RelformerForConditionalGeneration,
+    AutoModelForMaskedLM: RelformerForMaskedLM,
+    AutoModelForSequenceClassification: RelformerForSequenceClassification,
+    AutoModelForTokenClassification: RelformerForTokenClassification,
 }
 
 AutoConfig.register(RelformerConfig.model_type, RelformerConfig, exist_ok=True)
@@ -39,6 +53,9 @@ __all__ = [
     "RelformerConfig",
     "RelformerForCausalLM",
     "RelformerForConditionalGeneration",
+    "RelformerForMaskedLM",
+    "RelformerForSequenceClassification",
+    "RelformerForTokenClassification",
     "RelformerModel",
     "RelformerPreTrainedModel",
     "RelformerText2TextPipeline",

@@ -20,6 +20,9 @@ AUTO_MAP = {
     "AutoModel": "modeling_relformer.RelformerModel",
     "AutoModelForCausalLM": "modeling_relformer.RelformerForCausalLM",
     "AutoModelForSeq2SeqLM": "modeling_relformer.RelformerForConditionalGeneration",
+    "AutoModelForMaskedLM": "modeling_relformer.RelformerForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_relformer.RelformerForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_relformer.RelformerForTokenClassification",
 }
 
 

@@ -20,8 +20,11 @@ from transformers.modeling_outputs import (
     BaseModelOutput,
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithPast,
+    MaskedLMOutput,
     Seq2SeqLMOutput,
     Seq2SeqModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
@@ -651,9 +654,171 @@ class RelformerForConditionalGeneration(RelformerPreTrainedModel, GenerationMixi
         )
 
 
+class RelformerMaskedLMHead(nn.Module):
+    """BERT-style prediction head: dense -> activation -> norm -> vocabulary projection (tied) + bias."""
+
+    def __init__(self, config: RelformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.norm = build_norm(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`[B, L, hidden]` -> logits `[B, L, vocab]`."""
+        return self.decoder(self.norm(self.act_fn(self.dense(hidden_states))))
+
+
+class RelformerForMaskedLM(RelformerPreTrainedModel):
+    """Encoder Relformer with a masked-language-modelling head (decoder tied to the token embeddings)."""
+
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RelformerConfig):
+        _require_form(config, type(self).__name__, "encoder")
+        super().__init__(config)
+        self.model = RelformerModel(config)
+        self.lm_head = RelformerMaskedLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MaskedLMOutput:
+        """Logits `[B, L, vocab]`; `labels` `[B, L]` (-100 = not masked) give the masked-token loss."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class RelformerForSequenceClassification(RelformerPreTrainedModel):
+    """Sequence classification or regression.
+
+    Encoder: the first token's state goes through a pooler (dense + tanh), as in BERT. Decoder-only: the state of the
+    last non-padding token, as in GPT-2 (padding found from `attention_mask`, else from `pad_token_id`).
+    """
+
+    def __init__(self, config: RelformerConfig):
+        if config.is_encoder_decoder:
+            _require_form(config, type(self).__name__, "encoder")
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = RelformerModel(config)
+        self.pooler = None if config.is_decoder else nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutput:
+        """Logits `[B, num_labels]`; `labels` `[B]` (or `[B, num_labels]` for regression / multi-label)."""
+        kwargs.pop("use_cache", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if self.pooler is not None:
+            pooled = torch.tanh(self.pooler(hidden_states[:, 0]))
+        else:
+            pooled = hidden_states[torch.arange(hidden_states.shape[0]), self._last_token(input_ids, attention_mask)]
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config, **kwargs)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    def _last_token(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Index `[B]` of each row's last real token (rows may be left- or right-padded)."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask.bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids != self.config.pad_token_id
+        else:
+            return torch.full((1,), -1, dtype=torch.long)
+        positions = torch.arange(real.shape[1], device=real.device)
+        return torch.where(real, positions, -1).max(-1).values.clamp(min=0)
+
+
+class RelformerForTokenClassification(RelformerPreTrainedModel):
+    """Encoder Relformer with a per-token classifier (tagging, NER)."""
+
+    def __init__(self, config: RelformerConfig):
+        _require_form(config, type(self).__name__, "encoder")
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = RelformerModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> TokenClassifierOutput:
+        """Logits `[B, L, num_labels]`; `labels` `[B, L]` (-100 ignored)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, config=self.config, **kwargs)
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
 __all__ = [
     "RelformerForCausalLM",
     "RelformerForConditionalGeneration",
+    "RelformerForMaskedLM",
+    "RelformerForSequenceClassification",
+    "RelformerForTokenClassification",
     "RelformerModel",
     "RelformerPreTrainedModel",
     "RelformerStack",
