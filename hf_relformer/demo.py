@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
 
 from .configuration_relformer import RelformerConfig
 from .modeling_relformer import RelformerForCausalLM
-from .saving import save_pretrained_atomically, write_atomically
+from .saving import ExtraFiles, save_pretrained_atomically, write_atomically
 
 SYMBOLS = [str(d) for d in range(10)] + ["+", "=", ">"]
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -236,17 +236,6 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL)
 
 
-class ModelCard:
-    """README.md and the plot, written by `save_pretrained_atomically` with the model."""
-
-    def __init__(self, text: str, plot_path: Path):
-        self.text, self.plot_path = text, plot_path
-
-    def save_pretrained(self, directory: Path) -> None:
-        (Path(directory) / "README.md").write_text(self.text, encoding="utf-8")
-        (Path(directory) / "accuracy.png").write_bytes(self.plot_path.read_bytes())
-
-
 def model_card(settings: DemoSettings, table: str, task: str, scheme: str, seed: int) -> str:
     template = (Path(__file__).parent / "model_cards" / "demo.md").read_text(encoding="utf-8")
     return template.format(
@@ -271,7 +260,9 @@ def run_demo(settings: DemoSettings, output: Path, progress: bool = True, echo: 
     task = settings.tasks[0]
     scheme, seed, model = best[task]
     model_dir = output / "best-model"
-    card = ModelCard(model_card(settings, table, task, scheme, seed), plot_path)
+    card = ExtraFiles(
+        {"README.md": model_card(settings, table, task, scheme, seed), "accuracy.png": plot_path.read_bytes()}
+    )
     save_pretrained_atomically(model_dir, model, char_tokenizer(), card)
     echo(f"best on {task} (2x, then 1x): {scheme} (seed {seed}), saved to {model_dir}")
 

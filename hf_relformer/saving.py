@@ -11,6 +11,22 @@ class SavesPretrained(Protocol):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> object: ...
 
 
+class ExtraFiles:
+    """Named files (text or bytes) to write beside a model, e.g. a model card and results:
+    `save_pretrained_atomically(path, model, tokenizer, ExtraFiles({"README.md": card}))`."""
+
+    def __init__(self, files: dict[str, str | bytes]):
+        self.files = files
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        for name, content in self.files.items():
+            target = Path(save_directory) / name
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content, encoding="utf-8")
+
+
 def save_pretrained_atomically(output_dir: str | os.PathLike, *objects: SavesPretrained) -> Path:
     """Save every object (model, tokenizer, ...) into `output_dir` as one step.
 
