@@ -1,6 +1,11 @@
 """Encoder-only Relformer and its heads: bidirectional under SDPA, padding-invariant, eager == SDPA, every head's
 loss against a hand computation, decoder-only sequence classification pooling, pipelines by path."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoTokenizer, pipeline
@@ -174,3 +179,41 @@ def test_pipelines_by_path(encoder_folders):
     base = RelformerModel.from_pretrained(folders["base"])
     with torch.no_grad():
         torch.testing.assert_close(features, base(**inputs).last_hidden_state)
+
+
+REMOTE_PIPELINES = """
+import json, sys
+sys.modules["hf_relformer"] = None  # as on a machine where the package is not installed
+from transformers import pipeline
+folders, text = json.loads(sys.argv[1]), sys.argv[2]
+def run(task, name):
+    return pipeline(task, model=folders[name], trust_remote_code=True)
+out = {
+    "fill-mask": [r["token"] for r in run("fill-mask", "mlm")(text, top_k=3)],
+    "text-classification": run("text-classification", "cls")(text)[0],
+    "token-classification": len(run("token-classification", "tok")(text)),
+    "feature-extraction": run("feature-extraction", "base")(text)[0][0][:4],
+}
+print(json.dumps(out))
+"""
+
+
+def test_pipelines_by_path_with_remote_code_in_a_fresh_process(encoder_folders, tmp_path):
+    folders, _ = encoder_folders
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    paths = json.dumps({name: str(path) for name, path in folders.items()})
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_PIPELINES, paths, TEXT], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    local = {
+        "fill-mask": [r["token"] for r in pipeline("fill-mask", model=str(folders["mlm"]))(TEXT, top_k=3)],
+        "text-classification": pipeline("text-classification", model=str(folders["cls"]))(TEXT)[0],
+        "token-classification": len(pipeline("token-classification", model=str(folders["tok"]))(TEXT)),
+        "feature-extraction": pipeline("feature-extraction", model=str(folders["base"]))(TEXT)[0][0][:4],
+    }
+    assert remote["fill-mask"] == local["fill-mask"]
+    assert remote["text-classification"]["label"] == local["text-classification"]["label"]
+    assert remote["token-classification"] == local["token-classification"]
+    assert remote["feature-extraction"] == pytest.approx(local["feature-extraction"], abs=1e-5)
