@@ -50,6 +50,11 @@ class RelformerConfig(PreTrainedConfig):
     `attention_bias`, `mlp_bias`, `scale_embedding` (multiply token embeddings by sqrt(hidden_size)),
     `embedding_layer_norm` (a norm right after the embeddings, as in BERT), `hidden_dropout`,
     `attention_dropout`, `layer_norm_eps`, and grouped-query attention through `num_key_value_heads`.
+    `final_layer_norm` puts a norm after the last layer (default: pre-norm stacks only; `torch.nn.Transformer` has
+    one after post-norm layers too), `head_dim` sets the head size when it is not `hidden_size /
+    num_attention_heads` (default), and `type_vocab_size > 0` adds token-type (segment) embeddings as in BERT.
+    `relative_attention_key_query=True` adds the key-side term `k_j·a_ij` to the keys term, the
+    `relative_key_query` variant of Huang et al. (2020) that transformers 4 offered for BERT (encoders only).
     """
 
     model_type = "relformer"
@@ -62,6 +67,7 @@ class RelformerConfig(PreTrainedConfig):
     decoder_layers: int | None = None
     num_attention_heads: int = 8
     num_key_value_heads: int | None = None
+    head_dim: int | None = None
     intermediate_size: int = 2048
     hidden_act: str = "gelu"
     max_position_embeddings: int = 1024
@@ -69,15 +75,18 @@ class RelformerConfig(PreTrainedConfig):
     relative_attention_max_distance: int = 16
     relative_attention_values: bool = False
     relative_attention_per_head: bool = False
+    relative_attention_key_query: bool = False
     rope_parameters: dict | None = None
     layer_norm_position: str = "pre"
     norm_type: str = "layer_norm"
     layer_norm_eps: float = 1e-5
+    final_layer_norm: bool | None = None
     feed_forward_type: str = "plain"
     attention_bias: bool = True
     mlp_bias: bool = True
     scale_embedding: bool = False
     embedding_layer_norm: bool = False
+    type_vocab_size: int = 0
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     initializer_range: float = 0.02
@@ -93,6 +102,13 @@ class RelformerConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+            if isinstance(self.hidden_size, int) and self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                    f"({self.num_attention_heads}), or head_dim must be given."
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
         if self.is_encoder_decoder:
             self.encoder_layers = self.num_hidden_layers if self.encoder_layers is None else self.encoder_layers
             self.decoder_layers = self.num_hidden_layers if self.decoder_layers is None else self.decoder_layers
@@ -120,18 +136,29 @@ class RelformerConfig(PreTrainedConfig):
         _require_choice("norm_type", self.norm_type, NORM_TYPES)
         _require_choice("feed_forward_type", self.feed_forward_type, FEED_FORWARD_TYPES)
         _require_choice("hidden_act", self.hidden_act, tuple(ACT2FN))
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})."
-            )
+        _require_positive_int("head_dim", self.head_dim)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})."
             )
         _require_positive_int("relative_attention_max_distance", self.relative_attention_max_distance)
-        for name in ("relative_attention_values", "relative_attention_per_head"):
+        if self.relative_attention_key_query and (self.is_decoder or self.is_encoder_decoder):
+            raise ValueError(
+                "relative_attention_key_query=True is supported in encoders only (is_decoder=False, "
+                "is_encoder_decoder=False)."
+            )
+        if self.relative_attention_key_query and self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError("relative_attention_key_query=True needs num_key_value_heads == num_attention_heads.")
+        if (
+            isinstance(self.type_vocab_size, bool)
+            or not isinstance(self.type_vocab_size, int)
+            or self.type_vocab_size < 0
+        ):
+            raise ValueError(f"type_vocab_size must be a non-negative integer, got {self.type_vocab_size!r}.")
+        if self.final_layer_norm not in (None, True, False):
+            raise ValueError(f"final_layer_norm must be true, false or null, got {self.final_layer_norm!r}.")
+        for name in ("relative_attention_values", "relative_attention_per_head", "relative_attention_key_query"):
             if getattr(self, name) and self.position_embedding_type != "relative":
                 raise ValueError(
                     f"{name}=True needs position_embedding_type='relative', got {self.position_embedding_type!r}."
@@ -155,9 +182,11 @@ class RelformerConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
 
     @property
-    def head_dim(self) -> int:
-        """Size of one attention head."""
-        return self.hidden_size // self.num_attention_heads
+    def has_final_layer_norm(self) -> bool:
+        """Whether each stack ends with a norm (`final_layer_norm`, by default only pre-norm stacks)."""
+        if self.final_layer_norm is None:
+            return self.layer_norm_position == "pre"
+        return self.final_layer_norm
 
     @property
     def head_dim_for_positions(self) -> int:

@@ -144,11 +144,12 @@ class RelformerAttention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
+        q_size = config.num_attention_heads * self.head_dim
         kv_size = config.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
         attention_part = (
             NoAttentionPositions if is_cross_attention else POSITION_SCHEMES[config.position_embedding_type][1]
         )
@@ -328,7 +329,7 @@ def _require_form(config: RelformerConfig, head: str, form: str) -> None:
 
 
 class RelformerStack(RelformerPreTrainedModel):
-    """One stack of layers: token embeddings -> position scheme -> layers -> final norm (pre-norm only).
+    """One stack of layers: token (+ token-type) embeddings -> position scheme -> layers -> final norm.
 
     A causal decoder (key/value cache; with `has_cross_attention`, the decoder of an encoder-decoder) or a
     bidirectional encoder. Returns `last_hidden_state` `[B, L, hidden_size]`.
@@ -345,13 +346,16 @@ class RelformerStack(RelformerPreTrainedModel):
         self.is_causal = is_causal
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embed_scale = config.hidden_size**0.5 if config.scale_embedding else 1.0
+        self.embed_token_types = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
+        )
         self.embed_positions = POSITION_SCHEMES[config.position_embedding_type][0](config, causal=is_causal)
         self.embed_norm = build_norm(config) if config.embedding_layer_norm else None
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(
             [RelformerLayer(config, i, is_causal, has_cross_attention) for i in range(num_layers)]
         )
-        self.norm = build_norm(config) if config.layer_norm_position == "pre" else None
+        self.norm = build_norm(config) if config.has_final_layer_norm else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -367,15 +371,17 @@ class RelformerStack(RelformerPreTrainedModel):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPastAndCrossAttentions:
-        """input_ids `[B, L]` (or inputs_embeds `[B, L, hidden]`), attention_mask `[B, past + L]` (1 = token);
-        for a decoder with cross-attention, encoder_hidden_states `[B, Ls, hidden]` and encoder_attention_mask
-        `[B, Ls]`."""
+        """input_ids `[B, L]` (or inputs_embeds `[B, L, hidden]`), attention_mask `[B, past + L]` (1 = token),
+        token_type_ids `[B, L]` (segments, when `type_vocab_size > 0`); for a decoder with cross-attention,
+        encoder_hidden_states `[B, Ls, hidden]` and encoder_attention_mask `[B, Ls]`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
+        inputs_embeds = self._add_token_types(inputs_embeds, token_type_ids)
         if not self.is_causal:
             use_cache, past_key_values = False, None
         if use_cache and past_key_values is None:
@@ -428,6 +434,24 @@ class RelformerStack(RelformerPreTrainedModel):
         return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states, past_key_values=past_key_values
         )
+
+    def _add_token_types(self, inputs_embeds: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """Adds the token-type embeddings (type 0 where no ids are given, as BERT does)."""
+        if self.embed_token_types is None:
+            if token_type_ids is not None and bool(token_type_ids.any()):
+                raise ValueError(
+                    "token_type_ids other than 0 were given, but this model has no token-type embeddings "
+                    "(config.type_vocab_size=0)."
+                )
+            return inputs_embeds
+        if token_type_ids is None:
+            return inputs_embeds + self.embed_token_types.weight[0]
+        if int(token_type_ids.max()) >= self.embed_token_types.num_embeddings or int(token_type_ids.min()) < 0:
+            raise ValueError(
+                f"token_type_ids must be in [0, {self.embed_token_types.num_embeddings}) (config.type_vocab_size), "
+                f"got values in [{int(token_type_ids.min())}, {int(token_type_ids.max())}]."
+            )
+        return inputs_embeds + self.embed_token_types(token_type_ids)
 
 
 def default_position_ids(
@@ -483,6 +507,7 @@ class RelformerModel(RelformerStack):
         decoder_attention_mask: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPastAndCrossAttentions | Seq2SeqModelOutput:
         if not self.config.is_encoder_decoder:
@@ -495,6 +520,7 @@ class RelformerModel(RelformerStack):
                 past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
+                token_type_ids=token_type_ids,
                 **kwargs,
             )
         if decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -504,7 +530,11 @@ class RelformerModel(RelformerStack):
             )
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
-                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                token_type_ids=token_type_ids,
+                **kwargs,
             )
         elif not isinstance(encoder_outputs, ModelOutput):  # a tuple (last_hidden_state, hidden_states, attentions)
             encoder_outputs = BaseModelOutput(*encoder_outputs)
@@ -692,6 +722,7 @@ class RelformerForMaskedLM(RelformerPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
         """Logits `[B, L, vocab]`; `labels` `[B, L]` (-100 = not masked) give the masked-token loss."""
@@ -700,6 +731,7 @@ class RelformerForMaskedLM(RelformerPreTrainedModel):
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
             **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)
@@ -737,6 +769,7 @@ class RelformerForSequenceClassification(RelformerPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutput:
         """Logits `[B, num_labels]`; `labels` `[B]` (or `[B, num_labels]` for regression / multi-label)."""
@@ -747,6 +780,7 @@ class RelformerForSequenceClassification(RelformerPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=False,
+            token_type_ids=token_type_ids,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -794,6 +828,7 @@ class RelformerForTokenClassification(RelformerPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
         """Logits `[B, L, num_labels]`; `labels` `[B, L]` (-100 ignored)."""
@@ -802,6 +837,7 @@ class RelformerForTokenClassification(RelformerPreTrainedModel):
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
             **kwargs,
         )
         logits = self.classifier(self.dropout(outputs.last_hidden_state))

@@ -163,7 +163,8 @@ class ShawRelativeAttention(nn.Module):
 
     `relative_key_table` (and `relative_value_table` when `relative_attention_values`) have shape
     `[R, head_dim]` shared by all heads (Shaw), or `[H, R, head_dim]` per head (Music Transformer), with
-    `R = k + 1` (causal) or `2k + 1` (bidirectional).
+    `R = k + 1` (causal) or `2k + 1` (bidirectional). With `relative_attention_key_query` the keys term also gets
+    the key-side product `k_j·a_ij` (same table; encoders only).
     """
 
     def __init__(self, config, causal: bool):
@@ -176,6 +177,7 @@ class ShawRelativeAttention(nn.Module):
             else (rows, config.head_dim)
         )
         self.per_head = config.relative_attention_per_head
+        self.key_query = config.relative_attention_key_query
         self.scaling = config.head_dim**-0.5
         self.relative_key_table = nn.Parameter(torch.empty(shape))
         self.relative_value_table = nn.Parameter(torch.empty(shape)) if config.relative_attention_values else None
@@ -184,8 +186,12 @@ class ShawRelativeAttention(nn.Module):
         """query `[B, H, Lq, D]`, bucket index `[Lq, Lk]` -> `position_bias` `[B, H, Lq, Lk]` (already scaled)."""
         bucket_index = layer_inputs
         scores = table_product(query, self.relative_key_table, self.per_head)  # [B, H, Lq, R]
-        index = bucket_index.expand(*scores.shape[:2], *bucket_index.shape)
-        kwargs = {"position_bias": scores.gather(-1, index) * self.scaling}
+        position_bias = scores.gather(-1, bucket_index.expand(*scores.shape[:2], *bucket_index.shape))
+        if self.key_query:
+            key_scores = table_product(key, self.relative_key_table, self.per_head)  # [B, H, Lk, R]
+            key_index = bucket_index.T.expand(*key_scores.shape[:2], *bucket_index.T.shape)
+            position_bias = position_bias + key_scores.gather(-1, key_index).transpose(-1, -2)
+        kwargs = {"position_bias": position_bias * self.scaling}
         if self.relative_value_table is not None:
             kwargs["relative_values"] = (bucket_index, self.relative_value_table, self.per_head)
         return query, key, kwargs

@@ -36,6 +36,9 @@ def save_pretrained_atomically(output_dir: str | os.PathLike, *objects: SavesPre
     output_dir = Path(output_dir).resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the output folder gets the usual permissions
     try:
         for obj in objects:
             obj.save_pretrained(staging)

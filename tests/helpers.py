@@ -1,6 +1,9 @@
 """Test helpers: tiny configs and weights large enough that generation tests can fail."""
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -72,3 +75,45 @@ def tiny_seq2seq(scheme: str = "relative", seed: int = 0, **overrides) -> Relfor
     config = tiny_config(**SCHEMES[scheme], **values)
     torch.manual_seed(seed)
     return redraw_weights(RelformerForConditionalGeneration(config), seed=seed)
+
+
+REMOTE_SCRIPT = """
+import json, sys
+sys.modules["hf_relformer"] = None  # as on a machine where the package is not installed
+try:
+    import hf_relformer
+    raise SystemExit("hf_relformer is importable")
+except ImportError:
+    pass
+import torch
+import transformers
+path, auto_name, inputs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+inputs = {name: torch.tensor(value) for name, value in inputs.items()}
+config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=True)
+model = getattr(transformers, auto_name).from_pretrained(path, trust_remote_code=True)
+transformers.AutoModel.from_pretrained(path, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+with torch.no_grad():
+    logits = model(**inputs).logits
+generated = None
+if model.can_generate():
+    generated = model.generate(inputs["input_ids"], max_new_tokens=10, min_new_tokens=10, do_sample=False).tolist()
+print(json.dumps({"config": type(config).__name__, "logits": logits.tolist(), "generated": generated}))
+"""
+
+
+def run_remote_code(folder: Path, auto_name: str, inputs: dict[str, torch.Tensor], work_dir: Path) -> dict:
+    """Load `folder` with `transformers.<auto_name>` and trust_remote_code=True in a fresh process where hf_relformer
+    cannot be imported; returns its config class name, logits and (for generative models) 10 greedy tokens."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(work_dir / "modules"), "HF_HUB_OFFLINE": "1"}
+    json_inputs = json.dumps({name: value.tolist() for name, value in inputs.items()})
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), auto_name, json_inputs],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work_dir,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

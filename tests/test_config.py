@@ -88,8 +88,36 @@ def test_positional_arguments_are_rejected():
         ({"position_embedding_type": "rotary", "hidden_size": 36, "num_attention_heads": 4}, "position_embedding_type"),
         ({"position_embedding_type": "sinusoidal", "hidden_size": 33, "num_attention_heads": 3}, "sinusoidal"),
         ({"position_embedding_type": "rotary", "rope_parameters": {"rope_type": "dynamic"}}, "rope_type"),
+        ({"head_dim": 0}, "head_dim"),
+        ({"relative_attention_key_query": True}, "relative_attention_key_query"),  # a decoder
+        ({"relative_attention_key_query": True, "is_decoder": False, "num_key_value_heads": 2}, "key_query"),
+        ({"relative_attention_key_query": True, "is_decoder": False, "position_embedding_type": "rotary"}, "key_query"),
+        ({"type_vocab_size": -1}, "type_vocab_size"),
+        ({"final_layer_norm": "yes"}, "final_layer_norm"),
     ],
 )
 def test_invalid_values_raise_value_error_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+def test_head_dim_can_differ_from_hidden_size_over_heads(tmp_path):
+    import torch
+
+    from hf_relformer import RelformerForCausalLM
+
+    config = tiny_config(hidden_size=30, num_attention_heads=4, head_dim=8, num_key_value_heads=2)
+    model = RelformerForCausalLM(config)
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (32, 30)
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (16, 30)
+    assert model(torch.tensor([[3, 4, 5]])).logits.shape == (1, 3, 64)
+    config.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).head_dim == 8
+    assert tiny_config().head_dim == 8  # hidden_size / num_attention_heads by default
+
+
+def test_final_layer_norm_defaults_to_pre_norm_stacks_only():
+    assert tiny_config().has_final_layer_norm
+    assert not tiny_config(layer_norm_position="post").has_final_layer_norm
+    assert tiny_config(layer_norm_position="post", final_layer_norm=True).has_final_layer_norm
+    assert not tiny_config(final_layer_norm=False).has_final_layer_norm

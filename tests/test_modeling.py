@@ -153,3 +153,20 @@ def test_no_length_by_length_by_head_size_tensor(scheme, backend):
     with torch.no_grad(), LargestTensor() as probe:
         model(ids)
     assert probe.largest < length * length * 64 / 4, probe.largest
+
+
+def test_token_type_embeddings():
+    torch.manual_seed(0)
+    with_types = redraw_weights(RelformerModel(tiny_config(is_decoder=False, type_vocab_size=2)))
+    types = torch.zeros_like(IDS)
+    types[:, 4:] = 1
+    with torch.no_grad():
+        base = with_types(IDS).last_hidden_state
+        torch.testing.assert_close(with_types(IDS, token_type_ids=torch.zeros_like(IDS)).last_hidden_state, base)
+        assert not torch.allclose(with_types(IDS, token_type_ids=types).last_hidden_state, base)
+        with pytest.raises(ValueError, match="token_type_ids must be in"):
+            with_types(IDS, token_type_ids=types * 2)
+        without = RelformerModel(tiny_config(is_decoder=False))
+        without(IDS, token_type_ids=torch.zeros_like(IDS))  # what BERT tokenizers send: accepted, ignored
+        with pytest.raises(ValueError, match="type_vocab_size=0"):
+            without(IDS, token_type_ids=types)

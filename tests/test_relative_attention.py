@@ -12,8 +12,10 @@ from hf_relformer.modeling_relformer import repeat_kv
 from helpers import redraw_weights, tiny_config
 
 
-def naive_shaw_attention(query, key, value, key_table, value_table, max_distance, causal, query_offset, mask=None):
-    """Shaw et al. (2018), eq. (3)-(5), written the obvious way.
+def naive_shaw_attention(
+    query, key, value, key_table, value_table, max_distance, causal, query_offset, mask=None, key_query=False
+):
+    """Shaw et al. (2018), eq. (3)-(5), written the obvious way (`key_query`: plus `k_j·a_ij`, Huang et al. 2020).
 
     query `[B, H, Lq, D]` at positions `query_offset + i`, key/value `[B, H, Lk, D]` at positions `j`; tables
     `[R, D]` (shared) or `[H, R, D]` (per head), with rows for distances -k..0 (causal) or -k..k. `mask` `[B, Lk]`.
@@ -26,7 +28,10 @@ def naive_shaw_attention(query, key, value, key_table, value_table, max_distance
     a_key = key_table[..., rows, :]  # [Lq, Lk, D] or [H, Lq, Lk, D]
     if key_table.dim() == 2:
         a_key = a_key.expand(query.shape[1], lq, lk, d)
-    scores = (query @ key.transpose(-1, -2) + torch.einsum("bhid,hijd->bhij", query, a_key)) / math.sqrt(d)
+    scores = query @ key.transpose(-1, -2) + torch.einsum("bhid,hijd->bhij", query, a_key)
+    if key_query:
+        scores = scores + torch.einsum("bhjd,hijd->bhij", key, a_key)
+    scores = scores / math.sqrt(d)
     if causal:
         scores = scores.masked_fill(distance > 0, float("-inf"))
     if mask is not None:
@@ -104,27 +109,32 @@ def model_mask(model, hidden, mask, past):
 
 
 CASES = [
-    # (causal, per_head, values, length, past, kv_heads, padded)
-    (True, False, False, 8, 0, 4, False),  # L above k
-    (True, False, True, 3, 0, 4, False),  # L below k
-    (True, True, True, 9, 5, 4, False),  # Lq < Lk (chunked prefill with a cache)
-    (True, True, False, 9, 8, 2, False),  # one-token decode, grouped-query attention
-    (True, False, True, 10, 3, 1, True),  # left padding, multi-query attention
-    (False, False, False, 9, 0, 4, False),  # bidirectional
-    (False, True, True, 2, 0, 4, False),  # bidirectional, L below k
-    (False, False, True, 11, 0, 2, True),  # bidirectional, padding
+    # (causal, per_head, values, length, past, kv_heads, padded, key_query)
+    (True, False, False, 8, 0, 4, False, False),  # L above k
+    (True, False, True, 3, 0, 4, False, False),  # L below k
+    (True, True, True, 9, 5, 4, False, False),  # Lq < Lk (chunked prefill with a cache)
+    (True, True, False, 9, 8, 2, False, False),  # one-token decode, grouped-query attention
+    (True, False, True, 10, 3, 1, True, False),  # left padding, multi-query attention
+    (False, False, False, 9, 0, 4, False, False),  # bidirectional
+    (False, True, True, 2, 0, 4, False, False),  # bidirectional, L below k
+    (False, False, True, 11, 0, 2, True, False),  # bidirectional, padding
+    (False, False, False, 9, 0, 4, True, True),  # bidirectional, key-side term (BERT relative_key_query)
+    (False, True, True, 7, 0, 4, False, True),  # key-side term with per-head tables and values
 ]
 
 
 PARAMS = [(backend, *case) for case in CASES for backend in ("eager", "sdpa") if backend == "eager" or not case[2]]
 
 
-@pytest.mark.parametrize(("backend", "causal", "per_head", "values", "length", "past", "kv_heads", "padded"), PARAMS)
-def test_attention_matches_naive_shaw(backend, causal, per_head, values, length, past, kv_heads, padded):
+@pytest.mark.parametrize(
+    ("backend", "causal", "per_head", "values", "length", "past", "kv_heads", "padded", "key_query"), PARAMS
+)
+def test_attention_matches_naive_shaw(backend, causal, per_head, values, length, past, kv_heads, padded, key_query):
     config = tiny_config(
         is_decoder=causal,
         relative_attention_per_head=per_head,
         relative_attention_values=values,
+        relative_attention_key_query=key_query,
         num_key_value_heads=kv_heads,
         attn_implementation=backend,
     )
@@ -138,7 +148,16 @@ def test_attention_matches_naive_shaw(backend, causal, per_head, values, length,
     out, q, k, v = run_attention(model, hidden, past, mask)
     shaw = model.layers[0].self_attn.position
     expected = naive_shaw_attention(
-        q, k, v, shaw.relative_key_table, shaw.relative_value_table, 3, causal, past, mask if padded else None
+        q,
+        k,
+        v,
+        shaw.relative_key_table,
+        shaw.relative_value_table,
+        3,
+        causal,
+        past,
+        mask if padded else None,
+        key_query=key_query,
     )
     real_queries = mask[:, past:].bool()  # a causal query at a pad sees no key at all: its output is arbitrary
     torch.testing.assert_close(

@@ -3,8 +3,6 @@ classes, and loading with trust_remote_code in a fresh process where hf_relforme
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from hf_relformer import (
     RelformerModel,
 )
 
-from helpers import SCHEMES, redraw_weights, tiny_config, tiny_lm, tiny_seq2seq
+from helpers import SCHEMES, redraw_weights, run_remote_code, tiny_config, tiny_lm, tiny_seq2seq
 
 IDS = torch.tensor([[5, 17, 33, 8, 41, 12, 7, 19]])
 
@@ -73,31 +71,6 @@ def test_backbone_and_head_checkpoints_load_into_each_other(tmp_path):
         torch.testing.assert_close(head(IDS).logits, model(IDS).logits)
 
 
-REMOTE_SCRIPT = """
-import json, sys
-sys.modules["hf_relformer"] = None  # as on a machine where the package is not installed
-try:
-    import hf_relformer
-    raise SystemExit("hf_relformer is importable")
-except ImportError:
-    pass
-import torch
-import transformers
-path, auto_name, inputs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-inputs = {name: torch.tensor(value) for name, value in inputs.items()}
-config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=True)
-model = getattr(transformers, auto_name).from_pretrained(path, trust_remote_code=True)
-transformers.AutoModel.from_pretrained(path, trust_remote_code=True)
-assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-with torch.no_grad():
-    logits = model(**inputs).logits
-generated = None
-if model.can_generate():
-    generated = model.generate(inputs["input_ids"], max_new_tokens=10, min_new_tokens=10, do_sample=False).tolist()
-print(json.dumps({"config": type(config).__name__, "logits": logits.tolist(), "generated": generated}))
-"""
-
-
 def tiny_encoder(head, scheme: str = "relative"):
     torch.manual_seed(0)
     return redraw_weights(head(tiny_config(**SCHEMES[scheme], is_decoder=False)))
@@ -129,18 +102,7 @@ SEQ2SEQ_INPUTS = {"input_ids": IDS, "decoder_input_ids": torch.tensor([[1, 9, 4,
 def test_remote_code_load_in_a_fresh_process(build, auto_name, inputs, tmp_path):
     model = build()
     model.save_pretrained(tmp_path / "checkpoint")
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    json_inputs = json.dumps({name: value.tolist() for name, value in inputs.items()})
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path / "checkpoint"), auto_name, json_inputs],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    remote = run_remote_code(tmp_path / "checkpoint", auto_name, inputs, tmp_path)
     assert remote["config"] == "RelformerConfig"
     with torch.no_grad():
         torch.testing.assert_close(torch.tensor(remote["logits"]), model(**inputs).logits, atol=1e-6, rtol=0)
