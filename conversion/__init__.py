@@ -1,0 +1,11 @@
+"""Converters from other checkpoints to Relformer checkpoints, each verified numerically against its source.
+
+    python -m conversion SOURCE INPUT OUTPUT [options]      (also installed as `relformer-convert`)
+
+or from Python: `conversion.convert("gpt2", "path/to/gpt2", "path/to/out")`. Sources: see `SOURCES`.
+"""
+
+from .api import SOURCES, convert
+from .common import TOLERANCE, ConversionError, Options
+
+__all__ = ["SOURCES", "TOLERANCE", "ConversionError", "Options", "convert"]

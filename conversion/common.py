@@ -1,0 +1,402 @@
+"""What every converter shares: taking source tensors by name, building the Relformer, verifying it, writing it.
+
+A converter (one module per source in this package) turns its input into a `Conversion`: the Relformer model with
+the source's weights, a reference function that runs the source itself, and sample inputs. `verify` runs both and
+reports the largest difference; `write_folder` writes the complete checkpoint folder in one atomic step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_relformer import RelformerConfig
+from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
+
+TOLERANCE = 1e-4
+SAMPLE_TEXT = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Relative positions let a model compare tokens by their distance, not their index.",
+]
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+)
+
+
+class ConversionError(ValueError):
+    """The input cannot be converted: the message names the file, tensor or setting at fault."""
+
+
+class SourceTensors:
+    """The source's state dict. Each tensor is taken once, by name, with its shape checked; `check_all_used`
+    then refuses tensors nobody took (an architecture variant this converter does not know)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], source: str, progress: bool = True):
+        self.tensors = dict(tensors)
+        self.source = source
+        self.used: set[str] = set()
+        self.bar = tqdm(total=len(self.tensors), desc="Mapping tensors", unit="tensor", disable=not progress)
+
+    def take(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor `name`, detached, as fp32 (a `ConversionError` naming it when missing or misshapen)."""
+        if name not in self.tensors:
+            raise ConversionError(f"{self.source}: tensor {name!r} is missing from the checkpoint.")
+        tensor = self.tensors[name]
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise ConversionError(
+                f"{self.source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)} "
+                "from the config."
+            )
+        if name not in self.used:
+            self.used.add(name)
+            self.bar.update()
+        return tensor.detach().to(torch.float32)
+
+    def skip(self, names: Iterable[str]) -> None:
+        """Mark tensors the Relformer does not need (e.g. BERT's pooler) as handled."""
+        for name in names:
+            if name in self.tensors and name not in self.used:
+                self.used.add(name)
+                self.bar.update()
+
+    def output_layer(self, name: str, target: str, tied: bool, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """An untied output layer as `{target: weight}`; a tied one is the token embedding, so nothing to map."""
+        if tied:
+            self.skip([name])
+            return {}
+        return {target: self.take(name, shape)}
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def check_all_used(self) -> None:
+        self.bar.close()
+        unused = sorted(set(self.tensors) - self.used)
+        if unused:
+            shown = ", ".join(repr(name) for name in unused[:5])
+            more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+            raise ConversionError(
+                f"{self.source}: the checkpoint has tensors this converter does not know: {shown}{more} "
+                "(an unsupported variant of the architecture)."
+            )
+
+
+@dataclass
+class Conversion:
+    """A converted model, the source it must agree with, and what to write beside it."""
+
+    model: torch.nn.Module  # a Relformer model (any head), eval mode, fp32
+    reference: Callable[[dict[str, torch.Tensor]], torch.Tensor]  # source output on the sample inputs
+    inputs: dict[str, torch.Tensor]  # sample inputs; `attention_mask` marks the positions that are compared
+    source: str  # converter name, e.g. "gpt2"
+    source_name: str  # what the source calls itself (model name or folder name, never a full path)
+    output_name: str = "logits"  # which model output is compared ("logits" or "last_hidden_state")
+    tokenizer: object | None = None  # saved with the model when the source has no tokenizer files to copy
+    tokenizer_dir: Path | None = None  # the source folder whose tokenizer files are copied
+    generation_config: object | None = None
+    notes: list[str] = field(default_factory=list)
+    positions_reinitialised: bool = False
+    compare_mask: torch.Tensor | None = None  # `[B, L]` output positions to compare (default: attention_mask)
+
+
+def relformer_config(**kwargs) -> RelformerConfig:
+    """A `RelformerConfig` for a converted model: no dropout (the source's are runtime settings), fp32."""
+    kwargs.setdefault("hidden_dropout", 0.0)
+    kwargs.setdefault("attention_dropout", 0.0)
+    try:
+        return RelformerConfig(**kwargs)
+    except ValueError as error:
+        raise ConversionError(f"the source's settings give an invalid Relformer config: {error}") from error
+
+
+def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], allow_missing: Callable[[str], bool]):
+    """Copy `state_dict` into `model`, refusing any name or shape the model does not have, and any model tensor
+    left unset (other than tied ones and those `allow_missing` accepts, e.g. freshly initialised positions)."""
+    expected = model.state_dict()
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    for name, tensor in state_dict.items():
+        if name not in expected:
+            raise ConversionError(f"internal mapping error: the Relformer has no tensor {name!r}.")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ConversionError(
+                f"tensor {name!r}: the source gives shape {tuple(tensor.shape)}, the Relformer expects "
+                f"{tuple(expected[name].shape)}."
+            )
+    missing = [n for n in expected if n not in state_dict and n not in tied and not allow_missing(n)]
+    if missing:
+        raise ConversionError(f"the source has no tensor for {', '.join(missing[:5])}.")
+    model.load_state_dict(state_dict, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def sample_inputs(tokenizer, vocab_size: int, token_types: bool = False) -> dict[str, torch.Tensor]:
+    """`SAMPLE_TEXT` through the source's tokenizer (right padding), or seeded random ids without one."""
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(0, vocab_size, (2, 16), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1, -4:] = 0
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    tokenizer = copy.deepcopy(tokenizer)  # the padding settings below must not reach the saved tokenizer
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    batch = tokenizer(SAMPLE_TEXT, padding=True, return_tensors="pt", return_token_type_ids=token_types)
+    return dict(batch)
+
+
+def transformers_conversion(
+    source: torch.nn.Module,
+    model: torch.nn.Module,
+    name: str,
+    source_label: str,
+    tokenizer,
+    reinitialised: bool,
+    tokenizer_dir: Path | None = None,
+    notes: Iterable[str] = (),
+    token_types: bool = False,
+) -> Conversion:
+    """The `Conversion` of a transformers source model: its own forward is the reference, comparing logits for a head
+    with a language-modelling output and `last_hidden_state` for a bare model."""
+    output = "logits" if hasattr(model, "lm_head") else "last_hidden_state"
+    return Conversion(
+        model=model,
+        reference=lambda inputs: getattr(source(**inputs), output),
+        inputs=sample_inputs(tokenizer, source.config.vocab_size, token_types),
+        source=name,
+        source_name=source_label,
+        output_name=output,
+        tokenizer=tokenizer,
+        tokenizer_dir=tokenizer_dir,
+        generation_config=source.generation_config if model.can_generate() else None,
+        notes=list(notes),
+        positions_reinitialised=reinitialised,
+    )
+
+
+def model_output(conversion: Conversion, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return getattr(conversion.model(**inputs), conversion.output_name)
+
+
+def verify(conversion: Conversion) -> float:
+    """Largest absolute difference between the converted model and the source over the real (unpadded) tokens."""
+    with torch.no_grad():
+        expected = conversion.reference(conversion.inputs).float()
+    actual = model_output(conversion, conversion.inputs).float()
+    if expected.shape != actual.shape:
+        raise ConversionError(f"verification: source output {tuple(expected.shape)} vs {tuple(actual.shape)}.")
+    real = (
+        conversion.compare_mask if conversion.compare_mask is not None else conversion.inputs["attention_mask"]
+    ).bool()
+    if not bool(torch.isfinite(actual[real]).all()):
+        return float("inf")
+    return float((expected[real] - actual[real]).abs().max())
+
+
+def write_folder(
+    conversion: Conversion, output: Path, card: str, results: dict, check: object = None, progress: bool = True
+) -> Path:
+    """Model (safetensors, config, generation config, modeling code), tokenizer, card and results, atomically;
+    `check` (an object with `save_pretrained(folder)`) runs last on the complete staging folder and may refuse it."""
+    model = conversion.model
+    if conversion.generation_config is not None:
+        model.generation_config = conversion.generation_config
+    objects: list = [model]
+    if conversion.tokenizer_dir is not None and any((conversion.tokenizer_dir / n).is_file() for n in TOKENIZER_FILES):
+        objects.append(_CopiedFiles(conversion.tokenizer_dir, TOKENIZER_FILES))
+    elif conversion.tokenizer is not None:
+        objects.append(conversion.tokenizer)
+    objects.append(ExtraFiles({"README.md": card, "conversion.json": json.dumps(results, indent=2) + "\n"}))
+    if check is not None:
+        objects.append(check)
+    with tqdm(total=len(objects), desc="Writing", unit="part", disable=not progress) as bar:
+        return save_pretrained_atomically(output, *(_Counted(obj, bar) for obj in objects))
+
+
+class _Counted:
+    """Advances a progress bar once the wrapped object has been saved."""
+
+    def __init__(self, obj, bar: tqdm):
+        self.obj, self.bar = obj, bar
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        self.obj.save_pretrained(save_directory)
+        self.bar.update()
+
+
+class _CopiedFiles:
+    """Files copied unchanged from a source folder (tokenizer files), as one `save_pretrained` step."""
+
+    def __init__(self, folder: Path, names: Iterable[str]):
+        self.paths = [folder / name for name in names if (folder / name).is_file()]
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        for path in self.paths:
+            shutil.copyfile(path, Path(save_directory) / path.name)
+
+
+@dataclass
+class Options:
+    """Converter settings shared by the CLI and the Python API."""
+
+    position_embedding_type: str | None = None  # re-initialise positions with this scheme (outputs then differ)
+    relative_attention_max_distance: int | None = None
+    gguf_file: str | None = None  # llama: a GGUF file (inside INPUT, or INPUT itself)
+    hparams: Path | None = None  # torch-transformer: JSON of the module's constructor arguments
+    causal: bool = False  # torch-transformer: an nn.TransformerEncoder used with a causal mask
+    progress: bool = True
+
+
+def read_config(path: Path, source: str, model_types: tuple[str, ...]) -> dict:
+    """The source folder's config.json, checked to be one of `model_types`."""
+    if not path.is_dir():
+        raise ConversionError(f"{source}: {path} is not a folder (expected a saved transformers checkpoint).")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{source}: {path} has no config.json.")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{source}: {config_file} is not valid JSON: {error}") from error
+    if config.get("model_type") not in model_types:
+        raise ConversionError(
+            f"{source}: expected model_type {' or '.join(map(repr, model_types))} in {config_file}, "
+            f"got {config.get('model_type')!r}."
+        )
+    return config
+
+
+def pick_architecture(config: dict, source: str, supported: Mapping[str, object]) -> str:
+    architectures = config.get("architectures") or []
+    if len(architectures) != 1 or architectures[0] not in supported:
+        raise ConversionError(
+            f"{source}: unknown architecture {architectures or 'none given'}; this converter supports "
+            f"{', '.join(supported)}."
+        )
+    return architectures[0]
+
+
+def load_pretrained(model_class, path: Path, source: str, **kwargs) -> torch.nn.Module:
+    """`model_class.from_pretrained(path)` in fp32 eval mode; a tensor missing from the files is an error."""
+    try:
+        model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ConversionError(f"{source}: cannot load {path}: {error}") from error
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    missing = sorted(set(info.get("missing_keys", ())) - tied)
+    if missing:
+        raise ConversionError(
+            f"{source}: tensor {missing[0]!r} is missing from {path}"
+            + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else ".")
+        )
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        raise ConversionError(f"{source}: tensor {mismatched[0]!r} has the wrong shape in {path}.")
+    return model.eval()
+
+
+def load_tokenizer(path: Path, source: str, **kwargs):
+    """The source folder's tokenizer, or None when the folder has no tokenizer files."""
+    if "gguf_file" not in kwargs and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{source}: cannot load the tokenizer in {path}: {error}") from error
+
+
+def finish(
+    config_kwargs: dict,
+    mapped: dict[str, torch.Tensor],
+    head_class,
+    options: Options,
+    prefix: str,
+    head: dict[str, torch.Tensor] | None = None,
+    allow_missing: Callable[[str], bool] | None = None,
+) -> tuple[torch.nn.Module, bool]:
+    """Build the Relformer `head_class` from `config_kwargs` and load the mapped tensors (names relative to the bare
+    model, `prefix` added for heads) and the `head` tensors (full names); `allow_missing` names model tensors that may
+    keep their fresh initialisation. With `options.position_embedding_type`, positions are re-initialised as that
+    scheme and the source's position tensors dropped. Returns (model, positions_reinitialised)."""
+    reinitialise = (
+        options.position_embedding_type is not None
+        and options.position_embedding_type != config_kwargs.get("position_embedding_type")
+    ) or (
+        options.relative_attention_max_distance is not None
+        and options.relative_attention_max_distance != config_kwargs.get("relative_attention_max_distance")
+    )
+    if reinitialise:
+        if options.position_embedding_type is not None:
+            config_kwargs["position_embedding_type"] = options.position_embedding_type
+        if options.relative_attention_max_distance is not None:
+            config_kwargs["relative_attention_max_distance"] = options.relative_attention_max_distance
+        if config_kwargs.get("position_embedding_type") != "relative":
+            config_kwargs.pop("relative_attention_key_query", None)
+        mapped = {name: t for name, t in mapped.items() if not _is_position_tensor(name)}
+    config = relformer_config(**config_kwargs)
+    torch.manual_seed(0)  # re-initialised positions are reproducible
+    model = head_class(config)
+    state_dict = {prefix + name: tensor for name, tensor in mapped.items()} | (head or {})
+
+    def missing_ok(name: str) -> bool:
+        return (reinitialise and _is_position_tensor(name)) or (allow_missing is not None and allow_missing(name))
+
+    return load_into(model, state_dict, missing_ok), reinitialise
+
+
+def _is_position_tensor(name: str) -> bool:
+    return "embed_positions." in name or ".position.relative_" in name
+
+
+def source_name(config, path: Path) -> str:
+    """The source's model name when it has a Hub-style one, else the folder's name (never a full local path)."""
+    name = str(config.get("_name_or_path", "") if isinstance(config, dict) else getattr(config, "_name_or_path", ""))
+    return name if name and not Path(name).is_absolute() and not Path(name).exists() else path.name
+
+
+def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` file, or of a PyTorch file read with `weights_only=True` (no pickled code runs);
+    a folder means its `model.safetensors` (or `pytorch_model.bin`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if path.is_dir():
+        candidates = [path / "model.safetensors", path / "pytorch_model.bin"]
+        found = [candidate for candidate in candidates if candidate.is_file()]
+        if not found:
+            raise ConversionError(f"{source}: {path} has no model.safetensors or pytorch_model.bin.")
+        path = found[0]
+    if not path.is_file():
+        raise ConversionError(f"{source}: {path} does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as error:
+        raise ConversionError(f"{source}: cannot read tensors from {path}: {error}") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ConversionError(f"{source}: {path} does not hold a state dict (a mapping of names to tensors).")
+    return state
