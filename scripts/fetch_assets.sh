@@ -11,7 +11,7 @@
 #                           which needs the gguf package (in the test extra).
 #   assets/transformers4-venv/
 #                           a virtual environment with transformers 4.57.6 (Apache-2.0) on top of the main
-#                           interpreter's torch (--system-site-packages); tests run tests/transformers4_bert_relative.py
+#                           interpreter's torch (seen through a .pth file); tests run tests/transformers4_bert_relative.py
 #                           in it to compare with BERT's position_embedding_type="relative_key"/"relative_key_query",
 #                           which transformers 5 removed. pip puts in it the huggingface-hub<1.0 and tokenizers that
 #                           4.57 needs, shadowing the main interpreter's newer ones.
@@ -40,8 +40,12 @@ if [[ -x "$venv/bin/python" && "$(cat "$venv/.complete" 2>/dev/null)" == "$tf4_p
 else
   mkdir -p "$assets"
   rm -rf "$venv"
-  python -m venv --system-site-packages "$venv"
-  # pip may print a dependency-conflict ERROR about hf-relformer (seen through --system-site-packages): harmless.
+  python -m venv "$venv"
+  # The venv sees this interpreter's packages (torch above all) after its own, through a .pth file: this works
+  # whether this interpreter is itself a venv or not (--system-site-packages would only reach the base Python).
+  python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"]); print(sysconfig.get_paths()["platlib"])' \
+    > "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/outer-site-packages.pth"
+  # pip may print a dependency-conflict ERROR about hf-relformer (seen through that .pth file): harmless.
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$tf4_pin"
   "$venv/bin/python" -c "import torch, transformers
 from transformers import BertForMaskedLM
