@@ -135,13 +135,39 @@ class RotaryAttentionPositions(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class RelativeBuckets(nn.Module):
-    """Bucket index `[Lq, Lk]` of the clipped distance `clip(j - i, k)` for every query i and key j.
+class BucketIndex:
+    """Bucket index of the clipped distance `clip(j - i, k)` for queries i and keys j, by blocks of query rows.
 
-    Queries sit at `past_length + arange(Lq)`, keys at `arange(key_length)`. A causal stack never attends to
-    positive distances, so its tables have `k + 1` rows (distances -k..0) and positive distances map to row k
-    (masked anyway); a bidirectional stack has `2k + 1` rows.
+    Queries sit at `past_length + arange(query_length)`, keys at `arange(key_length)`. A causal stack never attends
+    to positive distances, so its tables have `k + 1` rows (distances -k..0) and positive distances map to row k
+    (masked anyway); a bidirectional stack has `2k + 1` rows. The whole `[Lq, Lk]` index is built once per forward
+    when it is small (`WHOLE_LIMIT` entries) and sliced by every layer; beyond that, each block is built when a layer
+    needs it, so a long input never holds an `[L, L]` index.
     """
+
+    WHOLE_LIMIT = 2**18
+
+    def __init__(self, query_length, past_length, key_length, max_distance, causal, device):
+        self.query_length, self.past_length, self.key_length = query_length, past_length, key_length
+        self.max_distance, self.causal, self.device = max_distance, causal, device
+        self.whole = self._build(0, query_length, key_length) if query_length * key_length <= self.WHOLE_LIMIT else None
+
+    def block(self, start: int, stop: int, key_stop: int) -> torch.Tensor:
+        """`[stop - start, key_stop]`: queries start..stop-1 of this forward against keys 0..key_stop-1."""
+        if self.whole is not None:
+            return self.whole[start:stop, :key_stop]
+        return self._build(start, stop, key_stop)
+
+    def _build(self, start: int, stop: int, key_stop: int) -> torch.Tensor:
+        query_positions = torch.arange(start, stop, device=self.device) + self.past_length
+        key_positions = torch.arange(key_stop, device=self.device)
+        distance = key_positions[None, :] - query_positions[:, None]
+        k = self.max_distance
+        return distance.clamp(-k, 0 if self.causal else k) + k
+
+
+class RelativeBuckets(nn.Module):
+    """The stack part of relative positions: a `BucketIndex` shared by every layer of this forward."""
 
     def __init__(self, config, causal: bool):
         super().__init__()
@@ -149,13 +175,9 @@ class RelativeBuckets(nn.Module):
         self.causal = causal
 
     def forward(self, inputs_embeds, position_ids, past_length, key_length):
-        device = inputs_embeds.device
-        query_positions = torch.arange(inputs_embeds.shape[1], device=device) + past_length
-        key_positions = torch.arange(key_length, device=device)
-        distance = key_positions[None, :] - query_positions[:, None]
-        k = self.max_distance
-        bucket_index = distance.clamp(-k, 0 if self.causal else k) + k
-        return inputs_embeds, bucket_index
+        query_length, device = inputs_embeds.shape[1], inputs_embeds.device
+        index = BucketIndex(query_length, past_length, key_length, self.max_distance, self.causal, device)
+        return inputs_embeds, index
 
 
 class ShawRelativeAttention(nn.Module):
@@ -183,7 +205,8 @@ class ShawRelativeAttention(nn.Module):
         self.relative_value_table = nn.Parameter(torch.empty(shape)) if config.relative_attention_values else None
 
     def forward(self, query, key, layer_inputs):
-        """query `[B, H, Lq, D]`, bucket index `[Lq, Lk]` -> `position_bias` `[B, H, Lq, Lk]` (already scaled)."""
+        """query `[B, H, Lq, D]` and the bucket index `[Lq, Lk]` of a block of query rows (see `BucketIndex`) ->
+        `position_bias` `[B, H, Lq, Lk]` (already scaled)."""
         bucket_index = layer_inputs
         scores = table_product(query, self.relative_key_table, self.per_head)  # [B, H, Lq, R]
         position_bias = scores.gather(-1, bucket_index.expand(*scores.shape[:2], *bucket_index.shape))
@@ -191,7 +214,7 @@ class ShawRelativeAttention(nn.Module):
             key_scores = table_product(key, self.relative_key_table, self.per_head)  # [B, H, Lk, R]
             key_index = bucket_index.T.expand(*key_scores.shape[:2], *bucket_index.T.shape)
             position_bias = position_bias + key_scores.gather(-1, key_index).transpose(-1, -2)
-        kwargs = {"position_bias": position_bias * self.scaling}
+        kwargs = {"position_bias": position_bias.mul_(self.scaling)}  # in place: the gather made a new tensor
         if self.relative_value_table is not None:
             kwargs["relative_values"] = (bucket_index, self.relative_value_table, self.per_head)
         return query, key, kwargs

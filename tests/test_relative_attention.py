@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_relformer import RelformerModel
+from hf_relformer import RelformerModel, modeling_relformer
 from hf_relformer.modeling_relformer import repeat_kv
+from hf_relformer.positions_relformer import BucketIndex
 
-from helpers import redraw_weights, tiny_config
+from helpers import redraw_weights, tiny_config, tiny_lm
 
 
 def naive_shaw_attention(
@@ -126,10 +127,23 @@ CASES = [
 PARAMS = [(backend, *case) for case in CASES for backend in ("eager", "sdpa") if backend == "eager" or not case[2]]
 
 
+@pytest.fixture(params=["whole", "row-blocks"])
+def blocks(request, monkeypatch):
+    """Run each case once as one block, and once one query row per block with the bucket index built per block
+    (what long inputs do)."""
+    if request.param == "row-blocks":
+        monkeypatch.setattr(modeling_relformer, "BLOCK_ELEMENTS", 1)
+        monkeypatch.setattr(modeling_relformer, "MIN_BLOCK_ROWS", 1)
+        monkeypatch.setattr(BucketIndex, "WHOLE_LIMIT", 0)
+    return request.param
+
+
 @pytest.mark.parametrize(
     ("backend", "causal", "per_head", "values", "length", "past", "kv_heads", "padded", "key_query"), PARAMS
 )
-def test_attention_matches_naive_shaw(backend, causal, per_head, values, length, past, kv_heads, padded, key_query):
+def test_attention_matches_naive_shaw(
+    blocks, backend, causal, per_head, values, length, past, kv_heads, padded, key_query
+):
     config = tiny_config(
         is_decoder=causal,
         relative_attention_per_head=per_head,
@@ -172,3 +186,27 @@ def test_values_refuse_other_backends():
     assert model.config._attn_implementation == "eager"  # chosen by itself
     with pytest.raises(ValueError, match="relative_attention_values"):
         model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("scheme", ["relative", "relative_values", "relative_per_head"])
+def test_long_input_blocks_give_the_same_model_outputs_and_generation(scheme, monkeypatch):
+    """Whole-model check of the block path: padded batch logits, cached prefill + decode, and greedy generate."""
+    model = tiny_lm(scheme)
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask).logits
+        whole_generated = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    monkeypatch.setattr(modeling_relformer, "BLOCK_ELEMENTS", 2 * 4 * 12 * 3)  # about 3 query rows per block
+    monkeypatch.setattr(modeling_relformer, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(BucketIndex, "WHOLE_LIMIT", 0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[mask.bool()], whole[mask.bool()])
+        prefill = model(ids[:, :9], attention_mask=mask[:, :9], use_cache=True)
+        step = model(ids[:, 9:], attention_mask=mask, past_key_values=prefill.past_key_values)
+        torch.testing.assert_close(step.logits[mask[:, 9:].bool()], whole[:, 9:][mask[:, 9:].bool()])
+        assert model.generate(ids[:1], max_new_tokens=8, do_sample=False).tolist() == whole_generated.tolist()
+        prefill = model(ids[:1, :5], use_cache=True)  # no mask at all: the blocks build their causal mask
+        step = model(ids[:1, 5:], past_key_values=prefill.past_key_values)
+        torch.testing.assert_close(step.logits, model(ids[:1]).logits[:, 5:], atol=1e-4, rtol=1e-4)

@@ -1,0 +1,1 @@
+"""Performance comparisons of Relformer with its baselines: `python -m benchmarks [--quick]`."""

@@ -1,0 +1,48 @@
+"""The benchmark suite compares like with like: its naive Shaw baseline computes what the model computes, and its
+bookkeeping (ratios, targets, usage errors) is right. No timing here: times are shown by `python -m benchmarks`."""
+
+import pytest
+import torch
+
+from benchmarks.naive_shaw import naive_shaw_attention
+from benchmarks.run import main, make_row, relformer_config
+from hf_relformer import RelformerModel, modeling_relformer
+from hf_relformer.positions_relformer import BucketIndex
+
+from helpers import redraw_weights
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_naive_baseline_equals_the_model_attention(blocks, monkeypatch):
+    if blocks:  # the path long inputs take
+        monkeypatch.setattr(modeling_relformer, "BLOCK_ELEMENTS", 4 * 40 * 5)
+        monkeypatch.setattr(modeling_relformer, "MIN_BLOCK_ROWS", 1)
+        monkeypatch.setattr(BucketIndex, "WHOLE_LIMIT", 0)
+    shape = dict(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    config = relformer_config(shape, "relative", relative_attention_max_distance=6)
+    torch.manual_seed(0)
+    model = redraw_weights(RelformerModel._from_config(config, attn_implementation="sdpa"))
+    attention = model.layers[0].self_attn
+    hidden = torch.randn(1, 40, 32)
+    _, index = model.embed_positions(hidden, torch.arange(40)[None], 0, 40)
+    with torch.no_grad():
+        ours = attention(hidden, None, index)[0]
+        view = (1, 40, -1, config.head_dim)
+        q, k, v = (p(hidden).view(view).transpose(1, 2) for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+        naive = naive_shaw_attention(q, k, v, attention.position.relative_key_table, 6)
+        expected = attention.o_proj(naive.transpose(1, 2).reshape(1, 40, -1))
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_compare_with_the_target_in_the_right_direction():
+    assert make_row("P1", "time", 1.2, 1.0, "s", "<= 1.25").ok
+    assert not make_row("P1", "time", 1.3, 1.0, "s", "<= 1.25").ok
+    assert make_row("P4", "speed", 95.0, 100.0, "tok/s", ">= 0.9").ok
+    assert not make_row("P4", "speed", 85.0, 100.0, "tok/s", ">= 0.9").ok
+
+
+def test_unknown_case_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--only", "P9"])
+    assert exit_info.value.code == 2
+    assert "P9" in capsys.readouterr().err
