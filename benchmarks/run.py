@@ -42,7 +42,7 @@ from hf_relformer import (
 from hf_relformer.modeling_relformer import RelformerAttention
 from hf_relformer.saving import write_atomically
 
-from .naive_shaw import naive_shaw_attention
+from .naive_shaw import gathered_relative_logits, naive_shaw_attention, skewed_relative_logits
 
 MAX_DISTANCE = 64
 SHAPES = {
@@ -252,6 +252,13 @@ def p2_naive_shaw(settings: dict) -> list[Row]:
         out = naive_shaw_attention(q, k, v, table, MAX_DISTANCE)
         attention.o_proj(out.transpose(1, 2).reshape(1, length, -1)).sum().backward()
 
+    query = torch.randn(1, config.num_attention_heads, length, config.head_dim)
+    table = attention.position.relative_key_table.detach()
+    t_gather, t_skew = median_times(
+        lambda: gathered_relative_logits(query, table, MAX_DISTANCE),
+        lambda: skewed_relative_logits(query, table, MAX_DISTANCE),
+        repeats,
+    )
     t_ours, t_naive = median_times(ours, naive, repeats)
     rows = [
         make_row(
@@ -274,6 +281,8 @@ def p2_naive_shaw(settings: dict) -> list[Row]:
             "P2m", f"position-term peak memory of a forward vs naive, L={length}", ours_term, naive_term, "MB", target
         )
     )
+    skew_what = f"keys term alone: gather (ours) vs the skew of Huang et al., L={length}"
+    rows.append(make_row("P2s", skew_what, t_gather, t_skew, "s", "<= 1.0"))
     return rows
 
 

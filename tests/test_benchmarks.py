@@ -46,3 +46,13 @@ def test_unknown_case_is_a_usage_error(capsys):
         main(["--only", "P9"])
     assert exit_info.value.code == 2
     assert "P9" in capsys.readouterr().err
+
+
+def test_skew_and_gather_give_the_same_keys_term():
+    from benchmarks.naive_shaw import gathered_relative_logits, skewed_relative_logits
+
+    torch.manual_seed(0)
+    query, table = torch.randn(2, 3, 17, 8), torch.randn(5 + 1, 8)
+    causal = torch.ones(17, 17).tril().bool()
+    skewed, gathered = skewed_relative_logits(query, table, 5), gathered_relative_logits(query, table, 5)
+    torch.testing.assert_close(skewed[..., causal], gathered[..., causal])
