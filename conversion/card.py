@@ -19,6 +19,8 @@ import hf_relformer
 from hf_relformer import RelformerConfig
 from hf_relformer.saving import write_atomically
 
+from .common import is_hub_name
+
 TEMPLATE = Path(hf_relformer.__file__).parent / "model_cards" / "relformer.md.jinja"
 FORMS = {  # form -> (pipeline tag, Auto class of its main head)
     "decoder-only": ("text-generation", "AutoModelForCausalLM"),
@@ -72,7 +74,7 @@ def render_card(
     results = dict(results or {})
     eval_results = [EvalResult(**entry) for entry in results.pop("model_index", [])]
     conversion = _read_json(folder / "conversion.json")
-    base_model = conversion.get("source_name") if _is_hub_name(conversion.get("source_name", "")) else None
+    base_model = conversion.get("source_name") if is_hub_name(conversion.get("source_name", "")) else None
     name = repo_id or folder.name
     card_data = ModelCardData(
         library_name="transformers",
@@ -137,11 +139,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CardError(f"{path} must hold a JSON object.")
     return data
-
-
-def _is_hub_name(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(part and " " not in part for part in parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -369,6 +369,12 @@ def _is_position_tensor(name: str) -> bool:
     return "embed_positions." in name or ".position.relative_" in name
 
 
+def is_hub_name(name: str) -> bool:
+    """`owner/name` as the Hub spells repository ids."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(part and " " not in part for part in parts)
+
+
 def source_name(config, path: Path) -> str:
     """The source's model name when it has a Hub-style one, else the folder's name (never a full local path)."""
     name = str(config.get("_name_or_path", "") if isinstance(config, dict) else getattr(config, "_name_or_path", ""))

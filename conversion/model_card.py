@@ -6,7 +6,7 @@ from pathlib import Path
 
 import hf_relformer
 
-from .common import Conversion
+from .common import Conversion, is_hub_name
 
 TEMPLATE = Path(hf_relformer.__file__).parent / "model_cards" / "conversion.md"
 AUTO_CLASSES = {
@@ -38,7 +38,7 @@ def render_card(conversion: Conversion, results: dict) -> str:
     form = "encoder-decoder" if config.is_encoder_decoder else "decoder-only" if config.is_decoder else "encoder"
     return TEMPLATE.read_text(encoding="utf-8").format(
         pipeline_tag=pipeline_tag,
-        base_model_line=f"base_model: {conversion.source_name}\n" if _is_hub_name(conversion.source_name) else "",
+        base_model_line=f"base_model: {conversion.source_name}\n" if is_hub_name(conversion.source_name) else "",
         source_name=conversion.source_name,
         source=conversion.source,
         relformer_class=results["relformer_class"],
@@ -56,9 +56,3 @@ def render_card(conversion: Conversion, results: dict) -> str:
         notes="".join(f"\n- {note}\n" for note in conversion.notes),
         auto_class=auto_class,
     )
-
-
-def _is_hub_name(name: str) -> bool:
-    """`owner/name` as the Hub spells repository ids."""
-    parts = name.split("/")
-    return len(parts) == 2 and all(part and " " not in part for part in parts)

@@ -25,9 +25,9 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
 from .card import CardError, write_card
+from .common import TOKENIZER_FILES
 
 MODEL_CODE = ("configuration_relformer.py", "modeling_relformer.py", "positions_relformer.py")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 RETRIES, BACKOFF_SECONDS = 4, 2.0
 
@@ -125,8 +125,10 @@ def _check_weights(folder: Path, config, result: Validation) -> None:
         result.problems.append(f"config.architectures names {head!r}, which is not a Relformer class.")
         return
     with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in model_class(config).state_dict().items()}
-    missing = sorted(set(expected) - set(stored) - _tied_names(config, head))
+        model = model_class(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tied = set(model.all_tied_weights_keys or {})  # tied copies are not stored
+    missing = sorted(set(expected) - set(stored) - tied)
     unexpected = sorted(set(stored) - set(expected))
     wrong = sorted(name for name in set(stored) & set(expected) if stored[name] != expected[name])
     if missing:
@@ -135,18 +137,6 @@ def _check_weights(folder: Path, config, result: Validation) -> None:
         result.problems.append(f"weights the config's model does not have: {', '.join(unexpected[:5])}.")
     for name in wrong[:5]:
         result.problems.append(f"{name} has shape {stored[name]}, the config needs {expected[name]}.")
-
-
-def _tied_names(config, head: str) -> set[str]:
-    from hf_relformer import modeling_relformer
-
-    if not config.tie_word_embeddings:
-        return set()
-    keys = dict(getattr(getattr(modeling_relformer, head), "_tied_weights_keys", None) or {})
-    if config.is_encoder_decoder:
-        prefix = "model." if head != "RelformerModel" else ""
-        keys[f"{prefix}decoder.embed_tokens.weight"] = ""
-    return set(keys)
 
 
 def _check_card(folder: Path, result: Validation, write_card_if_missing: bool) -> None:
