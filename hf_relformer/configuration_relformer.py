@@ -3,8 +3,11 @@
 This file is shipped with every saved checkpoint (remote code): it imports only the standard library and transformers.
 """
 
-from transformers import PreTrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 POSITION_EMBEDDING_TYPES = ("relative", "sinusoidal", "learned", "rotary", "none")
 LAYER_NORM_POSITIONS = ("pre", "post")
@@ -12,6 +15,56 @@ NORM_TYPES = ("layer_norm", "rms_norm")
 FEED_FORWARD_TYPES = ("plain", "gated")
 # Rotary variants whose frequencies are fixed at construction (dynamic and longrope rescale at run time).
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+# Fields checked by `RelformerConfig.validate` by kind (the others have their own checks there).
+POSITIVE_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "relative_attention_max_distance",
+)
+BOOL_FIELDS = (
+    "relative_attention_values",
+    "relative_attention_per_head",
+    "relative_attention_key_query",
+    "attention_bias",
+    "mlp_bias",
+    "scale_embedding",
+    "embedding_layer_norm",
+    "tie_word_embeddings",
+    "use_cache",
+    "is_decoder",
+    "is_encoder_decoder",
+)
+
+# Keys a config.json or a caller may carry besides the fields: read by transformers' own config code (or written by
+# other tools), so not "unknown" (generation parameters are also known: transformers moves them to generation_config).
+KNOWN_EXTRA_KEYS = (
+    "model_type",
+    "torch_dtype",
+    "num_labels",
+    "name_or_path",
+    "output_attentions",
+    "attn_implementation",
+    "experts_implementation",
+    "per_layer_config",
+    "rope_scaling",
+    "rope_theta",
+    "partial_rotary_factor",
+    "sep_token_id",
+    "cls_token_id",
+    "mask_token_id",
+    "unk_token_id",
+    "tokenizer_class",
+    "prefix",
+    "task_specific_params",
+    "finetuning_task",
+    "use_return_dict",
+)
 
 # Every Auto class a Relformer checkpoint can be loaded with, written into `config.auto_map` so that a checkpoint
 # loads with `trust_remote_code=True` where the package is not installed.
@@ -100,37 +153,43 @@ class RelformerConfig(PreTrainedConfig):
     decoder_start_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            raise ValueError(f"rope_parameters must be a dict or null, got {self.rope_parameters!r}.")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
-            if isinstance(self.hidden_size, int) and self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None and _is_positive_int(self.num_attention_heads) and _is_positive_int(self.hidden_size):
+            if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
                     f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                     f"({self.num_attention_heads}), or head_dim must be given."
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.is_encoder_decoder:
+        if self.is_encoder_decoder is True:
             self.encoder_layers = self.num_hidden_layers if self.encoder_layers is None else self.encoder_layers
             self.decoder_layers = self.num_hidden_layers if self.decoder_layers is None else self.decoder_layers
         self.auto_map = {**AUTO_MAP, **(kwargs.pop("auto_map", None) or {})}
+        _warn_about_unknown_fields(kwargs)
         super().__post_init__(**kwargs)
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ValueError` naming the field for any value the model cannot be built with."""
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-        ):
+        """Raise `ValueError` naming the field for any value the model cannot be built with (types, ranges and
+        combinations). Runs at construction, on `save_pretrained`, and when a model is built from the config."""
+        for name in POSITIVE_INT_FIELDS:
             _require_positive_int(name, getattr(self, name))
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.is_encoder_decoder:
             _require_positive_int("encoder_layers", self.encoder_layers)
             _require_positive_int("decoder_layers", self.decoder_layers)
+        else:
+            for name in ("encoder_layers", "decoder_layers"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} applies to encoder-decoder configs (is_encoder_decoder=True); this config builds "
+                        f"one stack of num_hidden_layers={self.num_hidden_layers} layers."
+                    )
         _require_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _require_choice("layer_norm_position", self.layer_norm_position, LAYER_NORM_POSITIONS)
         _require_choice("norm_type", self.norm_type, NORM_TYPES)
@@ -142,7 +201,6 @@ class RelformerConfig(PreTrainedConfig):
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})."
             )
-        _require_positive_int("relative_attention_max_distance", self.relative_attention_max_distance)
         if self.relative_attention_key_query and (self.is_decoder or self.is_encoder_decoder):
             raise ValueError(
                 "relative_attention_key_query=True is supported in encoders only (is_decoder=False, "
@@ -169,17 +227,49 @@ class RelformerConfig(PreTrainedConfig):
                 f"{self.head_dim_for_positions} (hidden_size / num_attention_heads for rotary, hidden_size for "
                 "sinusoidal)."
             )
-        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-        if self.position_embedding_type == "rotary":
-            _require_choice("rope_parameters['rope_type']", rope_type, ROPE_TYPES)
+        self._validate_rope_parameters()
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            if not _is_number(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
         for name in ("layer_norm_eps", "initializer_range"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
+            if not _is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
+        self._validate_token_ids()
+
+    def _validate_rope_parameters(self) -> None:
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            raise ValueError(f"rope_parameters must be a dict or null, got {self.rope_parameters!r}.")
+        if self.position_embedding_type != "rotary":
+            return
+        _require_choice("rope_parameters['rope_type']", self.rope_parameters.get("rope_type", "default"), ROPE_TYPES)
+        theta = self.rope_parameters.get("rope_theta")
+        if not _is_number(theta) or theta <= 0:
+            raise ValueError(f"rope_parameters['rope_theta'] must be a positive number, got {theta!r}.")
+        try:  # transformers' own check of the keys each rope_type needs (e.g. 'factor')
+            self.validate_rope()
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"rope_parameters {self.rope_parameters!r} are invalid: {error}") from None
+
+    def _validate_token_ids(self) -> None:
+        """Special token ids must be in the vocabulary: the embedding reads `pad_token_id` as its padding row and
+        generation feeds the others to the model."""
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            for token in value if isinstance(value, list) and name == "eos_token_id" else [value]:
+                if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
+                    raise ValueError(
+                        f"{name} must be null or a token id in [0, {self.vocab_size}) (vocab_size)"
+                        f"{', or a list of them' if name == 'eos_token_id' else ''}; got {value!r}."
+                    )
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' `save_pretrained`, validating first: it would copy the code files before its own check."""
+        self.validate()
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
     def has_final_layer_norm(self) -> bool:
@@ -194,9 +284,29 @@ class RelformerConfig(PreTrainedConfig):
         return self.head_dim if self.position_embedding_type == "rotary" else self.hidden_size
 
 
+def _warn_about_unknown_fields(kwargs: dict) -> None:
+    """Fields this version does not know (a config.json from a newer version, or a typo) are kept as attributes and
+    written back on save, but no model code reads them: say so, naming them."""
+    known = set(KNOWN_EXTRA_KEYS) | set(GenerationConfig._get_default_generation_params())
+    unknown = sorted(key for key in kwargs if key not in known and not key.startswith("_"))
+    if unknown:
+        logger.warning(
+            f"RelformerConfig: ignoring unknown field(s) {', '.join(unknown)} (kept in the config, not used by the "
+            "model). A config written by a newer hf_relformer may need that version, or a name may be misspelt."
+        )
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _require_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_positive_int(value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _require_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -6,9 +6,11 @@ This file is shipped with every saved checkpoint (remote code): it imports only 
 sibling files through single-dot relative imports.
 """
 
+import pickle
 from collections.abc import Callable
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -119,6 +121,8 @@ def eager_attention_forward(
         scores = scores + position_bias
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    if scores.dtype == torch.float16:  # fp16's min plus a negative score is -inf: a row of them would give NaN
+        scores = scores.clamp(min=torch.finfo(torch.float16).min)
     attn_weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value)
@@ -350,6 +354,53 @@ class RelformerPreTrainedModel(PreTrainedModel):
         "cross_attentions": OutputRecorder(RelformerAttention, index=1, layer_name="cross_attn"),
     }
 
+    def __init__(self, config: RelformerConfig, *inputs, **kwargs):
+        config.validate()  # a field may have been changed after the config was built
+        super().__init__(config, *inputs, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`, with errors that name the checkpoint when its weight file is damaged, when
+        its tensors do not fit its config.json, or when tensors of the model body are missing from it (transformers
+        would initialise those at random with a warning). Pass `allow_missing_weights=True` to accept missing ones
+        (e.g. after changing `position_embedding_type`); a head's own new layers (a classifier) are always allowed."""
+        allow_missing = kwargs.pop("allow_missing_weights", False)
+        wants_info = kwargs.pop("output_loading_info", False)
+        where = f"checkpoint {str(pretrained_model_name_or_path)!r}"
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights of the {where} cannot be read: the .safetensors file is damaged or incomplete (an "
+                f"interrupted download or copy?). Fetch or save it again. safetensors said: {error}"
+            ) from error
+        except pickle.UnpicklingError as error:
+            raise OSError(
+                f"The {where} has a pickle-based weight file (.bin / .pt) that holds more than tensors: loading it "
+                "would run code, so it was refused (torch.load with weights_only=True). Use a .safetensors copy from "
+                f"a source you trust. torch said: {_pickle_refusal(error)}"
+            ) from error
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error) and "size mismatch" not in str(error):
+                raise
+            raise ValueError(
+                f"The tensors of the {where} do not fit its config.json: some shapes differ (the load report above "
+                "lists them). Was config.json edited or copied from another checkpoint? To load anyway and "
+                "re-initialise those tensors, pass ignore_mismatched_sizes=True."
+            ) from error
+        prefix = f"{cls.base_model_prefix}." if hasattr(model, cls.base_model_prefix) else ""  # a head: its body
+        missing = sorted(key for key in info["missing_keys"] if key.startswith(prefix))
+        if missing and not allow_missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise ValueError(
+                f"The {where} lacks {len(missing)} tensor(s) of the model: {shown}. The weight file is incomplete or "
+                "was saved from a different configuration. Pass allow_missing_weights=True to initialise them at "
+                "random."
+            )
+        return (model, info) if wants_info else model
+
     def _check_and_adjust_attn_implementation(
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
     ) -> str:
@@ -377,6 +428,12 @@ class RelformerPreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, module.compute_inv_freq())
         elif isinstance(module, RotaryPositions):
             init.copy_(module.inv_freq, module.compute_inv_freq()[0])
+
+
+def _pickle_refusal(error: Exception) -> str:
+    """The line of torch's weights-only refusal that names what was blocked (its other lines advise unsafe loading)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
 
 
 def _require_form(config: RelformerConfig, head: str, form: str) -> None:
@@ -443,6 +500,7 @@ class RelformerStack(RelformerPreTrainedModel):
         encoder_hidden_states `[B, Ls, hidden]` and encoder_attention_mask `[B, Ls]`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        check_token_inputs(self.config, input_ids, inputs_embeds, position_ids, token_type_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
         inputs_embeds = self._add_token_types(inputs_embeds, token_type_ids)
@@ -465,6 +523,11 @@ class RelformerStack(RelformerPreTrainedModel):
             if isinstance(past_length, torch.Tensor):  # a static cache updates its length tensor in place
                 past_length = past_length.clone()
             key_length = self_attention_cache.get_mask_sizes(query_length, 0)[0]
+        check_attention_mask(attention_mask, inputs_embeds.shape[0], int(past_length) + query_length)
+        if encoder_hidden_states is not None:
+            check_attention_mask(
+                encoder_attention_mask, encoder_hidden_states.shape[0], encoder_hidden_states.shape[1], "encoder "
+            )
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, query_length, past_length, inputs_embeds.device)
 
@@ -516,6 +579,70 @@ class RelformerStack(RelformerPreTrainedModel):
                 f"got values in [{int(token_type_ids.min())}, {int(token_type_ids.max())}]."
             )
         return inputs_embeds + self.embed_token_types(token_type_ids)
+
+
+def check_token_inputs(
+    config: RelformerConfig,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+) -> None:
+    """Raise `ValueError` naming the input for ids outside the vocabulary, empty inputs and shapes that do not fit:
+    input_ids `[B, L]` of integers, inputs_embeds `[B, L, hidden_size]`, position_ids `[B or 1, L]`, token_type_ids
+    `[B, L]` (an out-of-range id would otherwise stop with an opaque `IndexError`, or read another row on GPU)."""
+    if input_ids is not None:
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(
+                f"input_ids must be integer token ids of shape [batch, length]; got {input_ids.dtype} of shape "
+                f"{tuple(input_ids.shape)} (a single sequence needs a batch dimension: ids[None])."
+            )
+        shape = tuple(input_ids.shape)
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, length, {config.hidden_size}] (hidden_size); got "
+                f"{tuple(inputs_embeds.shape)}."
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+    if 0 in shape:
+        raise ValueError(f"The input is empty (shape [batch, length] = {list(shape)}): give at least one token.")
+    if input_ids is not None and not torch.compiler.is_compiling():
+        low, high = (int(value) for value in torch.aminmax(input_ids))
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(
+                f"input_ids must be in [0, {config.vocab_size}) (config.vocab_size); got ids from {low} to {high}. "
+                "Was the text tokenized with another model's tokenizer?"
+            )
+    if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[-1] != shape[1]):
+        raise ValueError(f"position_ids must have shape [batch or 1, {shape[1]}]; got {tuple(position_ids.shape)}.")
+    if token_type_ids is not None and tuple(token_type_ids.shape) != shape:
+        raise ValueError(f"token_type_ids must have the inputs' shape {list(shape)}; got {list(token_type_ids.shape)}.")
+
+
+def check_attention_mask(mask: torch.Tensor | None, batch: int, key_length: int, which: str = "") -> None:
+    """A 2-D mask must be `[B, key_length]` (past + current tokens) of 1 (token) and 0 (padding); a 4-D mask, as
+    transformers accepts it, `[B or 1, 1 or H, Lq, key_length or more]`. Raises `ValueError` naming the problem."""
+    if mask is None:
+        return
+    name = f"{which}attention_mask"
+    if mask.dim() == 4:
+        if mask.shape[0] not in (1, batch) or mask.shape[-1] < key_length:
+            raise ValueError(
+                f"A 4-D {name} must have shape [{batch} or 1, 1 or heads, query length, {key_length} or more]; got "
+                f"{list(mask.shape)}."
+            )
+        return
+    if mask.dim() != 2 or tuple(mask.shape) != (batch, key_length):
+        raise ValueError(
+            f"{name} must have shape [batch, length] = [{batch}, {key_length}] (1 for tokens, 0 for padding; with a "
+            f"cache, the length counts the cached tokens too); got {list(mask.shape)}."
+        )
+    if mask.dtype != torch.bool and not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(
+            f"{name} must hold 1 for tokens and 0 for padding; got other values (min {mask.min().item()}, max "
+            f"{mask.max().item()}). An additive mask (0 / -inf) is not accepted here."
+        )
 
 
 def default_position_ids(
@@ -662,6 +789,7 @@ class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
+            check_labels(labels, logits.shape[:2], self.config.vocab_size, "input token")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
@@ -669,6 +797,22 @@ class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+        )
+
+
+def check_labels(labels: torch.Tensor, shape: tuple[int, ...], num_classes: int, what: str) -> None:
+    """Raise `ValueError` unless `labels` has `shape` (one per `what`) and holds -100 (ignored) or a class in
+    `[0, num_classes)` (transformers' loss would fail with an opaque batch-size or index error)."""
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels must have shape {list(shape)} (one per {what}); got {list(labels.shape)}.")
+    if labels.dtype.is_floating_point or torch.compiler.is_compiling():
+        return
+    valid = (labels == -100) | ((labels >= 0) & (labels < num_classes))
+    if not bool(valid.all()):
+        bad = labels[~valid]
+        raise ValueError(
+            f"labels must be -100 (ignored) or in [0, {num_classes}); got {bad.numel()} other value(s), e.g. "
+            f"{int(bad[0])}."
         )
 
 
@@ -734,6 +878,7 @@ class RelformerForConditionalGeneration(RelformerPreTrainedModel, GenerationMixi
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
+            check_labels(labels, logits.shape[:2], self.config.vocab_size, "decoder input token")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return Seq2SeqLMOutput(
             loss=loss,
@@ -801,6 +946,7 @@ class RelformerForMaskedLM(RelformerPreTrainedModel):
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
+            check_labels(labels, logits.shape[:2], self.config.vocab_size, "input token")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
@@ -855,6 +1001,10 @@ class RelformerForSequenceClassification(RelformerPreTrainedModel):
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
+            if labels.shape[0] != logits.shape[0]:
+                raise ValueError(
+                    f"labels must have one entry per sequence ({logits.shape[0]}); got {list(labels.shape)}."
+                )
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config, **kwargs)
         return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
@@ -907,6 +1057,7 @@ class RelformerForTokenClassification(RelformerPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
+            check_labels(labels, logits.shape[:2], self.config.num_labels, "input token")
             loss = self.loss_function(logits=logits, labels=labels, config=self.config, **kwargs)
         return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions

@@ -45,6 +45,16 @@ class NoAttentionPositions(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def float32_inv_freq(module: nn.Module, device: torch.device) -> torch.Tensor:
+    """The module's `inv_freq` buffer in fp32 on `device`. `model.to(torch.float16)` casts buffers too, and frequencies
+    rounded to half precision put the angle of position 1000 off by up to a radian: the buffer is then refilled in
+    fp32 (once)."""
+    if module.inv_freq.dtype != torch.float32:
+        fresh = module.compute_inv_freq()
+        module.inv_freq = (fresh[0] if isinstance(fresh, tuple) else fresh).to(module.inv_freq.device)
+    return module.inv_freq.to(device)
+
+
 class SinusoidalPositions(nn.Module):
     """Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)). Any length."""
 
@@ -58,7 +68,7 @@ class SinusoidalPositions(nn.Module):
         return 1.0 / (10000.0 ** (torch.arange(0, self.hidden_size, 2, dtype=torch.float) / self.hidden_size))
 
     def forward(self, inputs_embeds, position_ids, past_length, key_length):
-        angles = position_ids[..., None].float() * self.inv_freq.to(inputs_embeds.device)  # [B or 1, L, d/2]
+        angles = position_ids[..., None].float() * float32_inv_freq(self, inputs_embeds.device)  # [B or 1, L, d/2]
         table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleaved sin, cos: [., L, d]
         return inputs_embeds + table.to(inputs_embeds.dtype), None
 
@@ -104,7 +114,7 @@ class RotaryPositions(nn.Module):
         return 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     def forward(self, inputs_embeds, position_ids, past_length, key_length):
-        freqs = position_ids[..., None].float() * self.inv_freq.to(inputs_embeds.device)  # [B or 1, L, D/2]
+        freqs = position_ids[..., None].float() * float32_inv_freq(self, inputs_embeds.device)  # [B or 1, L, D/2]
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = (angles.cos() * self.attention_scaling).to(inputs_embeds.dtype)
         sin = (angles.sin() * self.attention_scaling).to(inputs_embeds.dtype)

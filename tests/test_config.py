@@ -94,6 +94,22 @@ def test_positional_arguments_are_rejected():
         ({"relative_attention_key_query": True, "is_decoder": False, "position_embedding_type": "rotary"}, "key_query"),
         ({"type_vocab_size": -1}, "type_vocab_size"),
         ({"final_layer_norm": "yes"}, "final_layer_norm"),
+        ({"hidden_size": "32"}, "hidden_size"),
+        ({"num_attention_heads": 2.0}, "num_attention_heads"),
+        ({"relative_attention_values": "yes"}, "relative_attention_values"),
+        ({"attention_bias": 1}, "attention_bias"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),
+        ({"is_decoder": None}, "is_decoder"),
+        ({"pad_token_id": 64}, "pad_token_id"),  # vocab_size is 64
+        ({"bos_token_id": -1}, "bos_token_id"),
+        ({"eos_token_id": [2, 99]}, "eos_token_id"),
+        ({"decoder_start_token_id": "1"}, "decoder_start_token_id"),
+        ({"rope_parameters": 3}, "rope_parameters"),
+        ({"position_embedding_type": "rotary", "rope_parameters": {"rope_type": "linear"}}, "factor"),
+        ({"position_embedding_type": "rotary", "rope_parameters": {"rope_theta": -1.0}}, "rope_theta"),
+        ({"decoder_layers": 3}, "decoder_layers"),  # a decoder-only config: num_hidden_layers sets the depth
+        ({"is_encoder_decoder": True, "encoder_layers": 0}, "encoder_layers"),
+        ({"hidden_dropout": "0.1"}, "hidden_dropout"),
     ],
 )
 def test_invalid_values_raise_value_error_naming_the_field(overrides, field):
@@ -121,3 +137,82 @@ def test_final_layer_norm_defaults_to_pre_norm_stacks_only():
     assert not tiny_config(layer_norm_position="post").has_final_layer_norm
     assert tiny_config(layer_norm_position="post", final_layer_norm=True).has_final_layer_norm
     assert not tiny_config(final_layer_norm=False).has_final_layer_norm
+
+
+def test_a_field_changed_after_construction_is_checked_when_a_model_is_built(tmp_path):
+    from hf_relformer import RelformerForCausalLM
+
+    config = tiny_config()
+    config.relative_attention_max_distance = 0
+    with pytest.raises(ValueError, match="relative_attention_max_distance"):
+        RelformerForCausalLM(config)
+    config = tiny_config()
+    config.position_embedding_type = "alibi"
+    with pytest.raises(ValueError, match="position_embedding_type"):
+        config.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()  # nothing written
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash_attention_2", "flex_attention"])
+def test_relative_values_refuse_backends_that_cannot_compute_them(backend, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_relformer import RelformerForCausalLM
+
+    with pytest.raises(ValueError, match="relative_attention_values"):
+        RelformerForCausalLM._from_config(tiny_config(relative_attention_values=True), attn_implementation=backend)
+    model = RelformerForCausalLM(tiny_config(relative_attention_values=True))
+    assert model.config._attn_implementation == "eager"  # chosen by default
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="relative_attention_values"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=backend)
+    with pytest.raises(ValueError, match="relative_attention_values"):
+        model.set_attn_implementation(backend)
+
+
+def test_unknown_fields_warn_and_are_kept(tmp_path, caplog):
+    """A config.json from a newer version (or with a misspelt name): the unknown field is named in a warning, kept
+    as an attribute and written back on save; the model is built from the fields this version knows."""
+    import json
+    import logging
+
+    tiny_config().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "relative_attention_buckets": "log"}))
+    with caplog.at_level(logging.WARNING):
+        loaded = AutoConfig.from_pretrained(tmp_path)
+    assert "relative_attention_buckets" in caplog.text
+    assert loaded.relative_attention_buckets == "log"
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["relative_attention_buckets"] == "log"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # what transformers itself writes or reads is not "unknown"
+        tiny_config(num_labels=3).save_pretrained(tmp_path / "plain")
+        AutoConfig.from_pretrained(tmp_path / "plain", num_labels=3)
+        tiny_config(torch_dtype="float32", attn_implementation="eager", max_length=20)
+    assert "unknown field" not in caplog.text
+
+
+def test_fields_missing_from_an_older_config_take_the_old_behaviour(tmp_path):
+    """Every field added after the first release defaults to what models did before it existed: a config.json
+    without them loads into the same model (same tensors, same logits)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_lm
+
+    model = tiny_lm("relative_values")
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    fields = json.loads(path.read_text())
+    added_later = ("head_dim", "final_layer_norm", "type_vocab_size", "relative_attention_key_query")
+    path.write_text(json.dumps({k: v for k, v in fields.items() if k not in added_later}))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    assert set(load_file(tmp_path / "model.safetensors")) <= set(loaded.state_dict())
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
