@@ -638,7 +638,14 @@ def check_attention_mask(mask: torch.Tensor | None, batch: int, key_length: int,
             f"{name} must have shape [batch, length] = [{batch}, {key_length}] (1 for tokens, 0 for padding; with a "
             f"cache, the length counts the cached tokens too); got {list(mask.shape)}."
         )
-    if mask.dtype != torch.bool and not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    if mask.dtype.is_floating_point:
+        valid = bool(((mask == 0) | (mask == 1)).all())
+    else:  # integers in [0, 1] are 0 or 1: one reduction
+        low, high = torch.aminmax(mask)
+        valid = int(low) >= 0 and int(high) <= 1
+    if not valid:
         raise ValueError(
             f"{name} must hold 1 for tokens and 0 for padding; got other values (min {mask.min().item()}, max "
             f"{mask.max().item()}). An additive mask (0 / -inf) is not accepted here."
