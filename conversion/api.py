@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from hf_relformer import __version__
+from hf_relformer.saving import output_problem
 
 from . import bert, gpt2, llama, torch_transformer
 from .common import TOLERANCE, Conversion, ConversionError, Options, model_output, verify, write_folder
@@ -49,6 +50,9 @@ def convert(
         raise ConversionError(f"{source}: input {input_path} does not exist.")
     if output.exists() and not force:
         raise ConversionError(f"output {output} already exists (pass --force / force=True to replace it).")
+    problem = output_problem(output)
+    if problem:
+        raise ConversionError(f"output: {problem}.")
     if output.resolve() == input_path.resolve() or input_path.resolve() in output.resolve().parents:
         raise ConversionError(f"output {output} must not be the input or inside it.")
     options = options or Options()

@@ -64,14 +64,14 @@ def _convert(path: Path, options: Options, raw: dict, name: str, relative: str |
     source_class, head_class = ARCHITECTURES[pick_architecture(raw, name, ARCHITECTURES)]
     if raw.get("is_decoder") or raw.get("add_cross_attention"):
         raise ConversionError(f"{name}: decoder BERT checkpoints (is_decoder / add_cross_attention) are not supported.")
-    kwargs = {"attn_implementation": "bert_relative_v4"} if relative else {}
+    kwargs = {"attn_implementation": "bert_relative_v4", "read_separately": _is_distance_table} if relative else {}
     source = load_pretrained(source_class, path, name, **kwargs)
     config = source.config
     is_mlm = head_class is RelformerForMaskedLM
     state = source.state_dict()
     if relative:  # transformers 5 has no distance_embedding: read those from the files
         files = read_state_dict(path, name)
-        state |= {key: t for key, t in files.items() if key.endswith("attention.self.distance_embedding.weight")}
+        state |= {key: t for key, t in files.items() if _is_distance_table(key)}
     tensors = SourceTensors(state, name, options.progress)
     src = "bert." if is_mlm else ""
     hidden, inner, positions = config.hidden_size, config.intermediate_size, config.max_position_embeddings
@@ -146,11 +146,16 @@ def _convert(path: Path, options: Options, raw: dict, name: str, relative: str |
     model, reinitialised = finish(config_kwargs, mapped, head_class, options, "model." if is_mlm else "", head)
     if relative:
         _restore_relative_attention(source, state, relative, src)
-    tokenizer = load_tokenizer(path, name)
+    tokenizer = load_tokenizer(path, name, config.vocab_size)
     notes = [] if is_mlm or f"{src}pooler.dense.weight" not in state else ["BertModel's pooler is not converted."]
     return transformers_conversion(
         source, model, name, source_name(raw, path), tokenizer, reinitialised, path, notes, token_types=True
     )
+
+
+def _is_distance_table(name: str) -> bool:
+    """transformers 4's relative-position table of a layer, which transformers 5's BERT does not have."""
+    return name.endswith("attention.self.distance_embedding.weight")
 
 
 def _restore_relative_attention(source: nn.Module, state: dict, relative: str, src: str) -> None:

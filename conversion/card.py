@@ -7,19 +7,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from safetensors import safe_open
 
 import hf_relformer
 from hf_relformer import RelformerConfig
+from hf_relformer.cli import run_command
 from hf_relformer.saving import write_atomically
 
-from .common import is_hub_name
+from .common import ConversionError, folder_shapes, is_hub_name, load_relformer_config, read_json, weight_problems
 
 TEMPLATE = Path(hf_relformer.__file__).parent / "model_cards" / "relformer.md.jinja"
 FORMS = {  # form -> (pipeline tag, Auto class of its main head)
@@ -43,13 +41,8 @@ def form_of(config: RelformerConfig) -> str:
 
 
 def count_parameters(folder: Path) -> int:
-    """Number of stored parameters, read from the safetensors header (no tensor is loaded)."""
-    total = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as file:
-            for name in file.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                total += math.prod(file.get_slice(name).get_shape())
-    return total
+    """Number of stored parameters, read from the safetensors headers (no tensor is loaded)."""
+    return sum(math.prod(shape) for shape in folder_shapes(folder).values())
 
 
 def render_card(
@@ -60,20 +53,26 @@ def render_card(
     repo_id: str | None = None,
 ) -> ModelCard:
     """The card of a saved Relformer folder, from its config (and `results`: metric name -> number; a
-    `"model_index"` list of {task_type, dataset_type, dataset_name, metric_type, metric_value} becomes model-index)."""
+    `"model_index"` list of {task_type, dataset_type, dataset_name, metric_type, metric_value} becomes model-index).
+    A folder whose config or weights are missing, damaged or do not fit each other is a `CardError`."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise CardError(f"{folder} has no config.json.")
     try:
-        config = RelformerConfig.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise CardError(f"{folder / 'config.json'} is not a valid Relformer config: {error}") from error
+        config = load_relformer_config(folder)
+        problems = weight_problems(config, folder_shapes(folder))
+        if problems:
+            raise ConversionError(f"{folder / 'config.json'} does not fit the weights: {problems[0]}")
+        conversion = read_json(folder / "conversion.json") if (folder / "conversion.json").exists() else {}
+        parameters = count_parameters(folder)
+    except ConversionError as error:
+        raise CardError(str(error)) from error
     form = form_of(config)
     head = (config.architectures or [""])[0]
     pipeline_tag, auto_class = HEAD_TAGS.get(head, FORMS[form])
     results = dict(results or {})
-    eval_results = [EvalResult(**entry) for entry in results.pop("model_index", [])]
-    conversion = _read_json(folder / "conversion.json")
+    try:
+        eval_results = [EvalResult(**entry) for entry in results.pop("model_index", [])]
+    except (TypeError, ValueError) as error:
+        raise CardError(f"results: model_index must list {{task_type, dataset_type, ...}} objects: {error}") from error
     base_model = conversion.get("source_name") if is_hub_name(conversion.get("source_name", "")) else None
     name = repo_id or folder.name
     card_data = ModelCardData(
@@ -114,7 +113,7 @@ def render_card(
         kv_heads=config.num_key_value_heads,
         feed_forward=f"{config.feed_forward_type} {config.hidden_act}, {config.intermediate_size}",
         vocab_size=config.vocab_size,
-        parameters=f"{count_parameters(folder):,}",
+        parameters=f"{parameters:,}",
         repo_id=repo_id or "PATH",
         auto_class=auto_class,
         intended_use=intended,
@@ -124,21 +123,20 @@ def render_card(
 
 
 def write_card(folder: str | Path, **kwargs) -> Path:
-    """Render and write `folder/README.md` (through a temporary file and a rename)."""
+    """Render and write `folder/README.md` (through a temporary file and a rename: an existing card stays whole)."""
     card = render_card(folder, **kwargs)
-    return write_atomically(Path(folder) / "README.md", str(card))
+    path = Path(folder) / "README.md"
+    try:
+        return write_atomically(path, str(card))
+    except OSError as error:
+        raise CardError(f"cannot write {path}: {error}; the previous card, if any, is unchanged.") from error
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CardError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise CardError(f"{path} must hold a JSON object.")
-    return data
+        return read_json(path)
+    except ConversionError as error:
+        raise CardError(str(error)) from error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,18 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"{args.folder} is not a folder")
-    try:
+    if args.results and not args.results.is_file():
+        parser.error(f"--results {args.results} is not a file")
+    if args.repo_id is not None and not is_hub_name(args.repo_id):
+        parser.error(f"--repo-id must look like owner/name, got {args.repo_id!r}")
+
+    def work() -> None:
         results = _read_json(args.results) if args.results else None
-        if args.results and not args.results.is_file():
-            raise CardError(f"results file {args.results} does not exist.")
         path = write_card(
             args.folder, results=results, license=args.license, datasets=args.datasets, repo_id=args.repo_id
         )
-    except CardError as error:
-        print(f"relformer-card: error: {error}", file=sys.stderr)
-        return 1
-    print(f"Wrote {path}")
-    return 0
+        print(f"Wrote {path}")
+
+    return run_command("relformer-card", work, (CardError,), f"{args.folder / 'README.md'} is unchanged.")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 from pathlib import Path
 
+from hf_relformer.cli import run_command
 from hf_relformer.configuration_relformer import POSITION_EMBEDDING_TYPES
+from hf_relformer.saving import output_problem
 
 from .api import SOURCES, convert
 from .common import TOLERANCE, ConversionError, Options
@@ -59,16 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.tolerance <= 0:
-        parser.error("--tolerance must be positive")
+    if not 0 < args.tolerance < math.inf:
+        parser.error(f"--tolerance must be a positive number, got {args.tolerance}")
     if args.relative_attention_max_distance is not None and args.relative_attention_max_distance < 1:
         parser.error("--relative-attention-max-distance must be a positive integer")
     if args.gguf_file and args.source != "llama":
         parser.error("--gguf-file applies to the llama source only")
     if args.hparams and args.source != "torch-transformer":
         parser.error("--hparams applies to the torch-transformer source only")
+    if args.source == "torch-transformer" and not args.hparams:
+        parser.error("the torch-transformer source needs --hparams FILE.json (the module's constructor arguments)")
     if not args.input.exists():
         parser.error(f"input {args.input} does not exist")
+    if args.hparams and not args.hparams.is_file():
+        parser.error(f"--hparams {args.hparams} is not a file")
+    if args.gguf_file and args.input.is_dir() and not (args.input / args.gguf_file).is_file():
+        parser.error(f"--gguf-file: {args.input / args.gguf_file} does not exist")
+    problem = output_problem(args.output)
+    if problem:
+        parser.error(f"output: {problem}")
     if args.no_progress:
         from transformers.utils import logging
 
@@ -80,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         hparams=args.hparams,
         progress=not args.no_progress,
     )
-    try:
-        convert(
+    return run_command(
+        "relformer-convert",
+        lambda: convert(
             args.source,
             args.input,
             args.output,
@@ -89,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             check=args.verify,
             tolerance=args.tolerance,
             force=args.force,
-        )
-    except ConversionError as error:
-        print(f"relformer-convert: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        ),
+        (ConversionError,),
+        f"nothing was written ({args.output} is as it was).",
+    )

@@ -3,21 +3,31 @@
 A converter (one module per source in this package) turns its input into a `Conversion`: the Relformer model with
 the source's weights, a reference function that runs the source itself, and sample inputs. `verify` runs both and
 reports the largest difference; `write_folder` writes the complete checkpoint folder in one atomic step.
+
+Reading files is shared by every command (`read_json`, `safetensors_shapes`, `check_weight_files`, `load_pretrained`,
+`load_tokenizer`, `read_state_dict`, `load_relformer_config`, `weight_problems`): a damaged, empty, truncated or
+mismatched file is a `ConversionError` (`UnreadableFile` for a file that cannot be read at all) naming the file and
+the problem, and pickles are only ever read with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import pickle
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+import struct
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from hf_relformer import RelformerConfig
+from hf_relformer import RelformerConfig, modeling_relformer
 from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
 
 TOLERANCE = 1e-4
@@ -40,8 +50,23 @@ TOKENIZER_FILES = (
 )
 
 
+# What reading a damaged or hostile file raises: safetensors, torch.load (weights_only), transformers, GGUF, JSON
+READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, struct.error, SafetensorError, pickle.UnpicklingError)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a single-file checkpoint, in transformers' preference
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
 class ConversionError(ValueError):
     """The input cannot be converted: the message names the file, tensor or setting at fault."""
+
+
+class UnreadableFile(ConversionError):
+    """A file that is there but cannot be read as what it should be (empty, truncated, corrupted, not JSON, a pickle
+    that would run code). `path` and `reason` let a caller phrase it in its own list of problems."""
+
+    def __init__(self, path: Path, reason: str, source: str = ""):
+        super().__init__(f"{source}: cannot read {path}: {reason}" if source else f"cannot read {path}: {reason}")
+        self.path, self.reason = Path(path), reason
 
 
 class SourceTensors:
@@ -117,9 +142,18 @@ class Conversion:
 
 
 def relformer_config(**kwargs) -> RelformerConfig:
-    """A `RelformerConfig` for a converted model: no dropout (the source's are runtime settings), fp32."""
+    """A `RelformerConfig` for a converted model: no dropout (the source's are runtime settings), fp32. Special token
+    ids outside the source's vocabulary (which transformers only warns about) are dropped with a warning."""
     kwargs.setdefault("hidden_dropout", 0.0)
     kwargs.setdefault("attention_dropout", 0.0)
+    vocab_size = kwargs.get("vocab_size")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        value = kwargs.get(name)
+        if isinstance(vocab_size, int) and isinstance(value, int) and not 0 <= value < vocab_size:
+            warnings.warn(
+                f"the source's {name}={value} is outside its vocabulary of {vocab_size}: dropped.", stacklevel=2
+            )
+            kwargs[name] = None
     try:
         return RelformerConfig(**kwargs)
     except ValueError as error:
@@ -229,7 +263,11 @@ def write_folder(
     if check is not None:
         objects.append(check)
     with tqdm(total=len(objects), desc="Writing", unit="part", disable=not progress) as bar:
-        return save_pretrained_atomically(output, *(_Counted(obj, bar) for obj in objects))
+        try:
+            return save_pretrained_atomically(output, *(_Counted(obj, bar) for obj in objects))
+        except OSError as error:
+            state = "is unchanged" if output.exists() else "was not created"
+            raise ConversionError(f"cannot write {output}: {error}; {output} {state}.") from error
 
 
 class _Counted:
@@ -266,6 +304,135 @@ class Options:
     progress: bool = True
 
 
+def why_unreadable(error: BaseException, path: Path | None = None) -> str:
+    """One line on why reading `path` failed with `error`: an empty file, a truncated one, invalid JSON, a pickle
+    refused by `weights_only=True`, else the first sentence of the error."""
+    text = str(error).strip()
+    if path is not None and path.is_file() and path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    if refused_pickle(error):
+        detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        return (
+            "it is a pickle that needs more than tensors to load, and unpickling it could run code, so it was refused"
+            f" ({detail or 'weights_only=True'}); convert it to safetensors where you trust its origin"
+        )
+    if isinstance(error, json.JSONDecodeError):
+        return f"not valid JSON ({error})"
+    if isinstance(error, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "it is a folder, not a file"
+    if isinstance(error, (EOFError, struct.error)):
+        return f"the file ends too early (truncated?): {text or type(error).__name__}"
+    first = text.splitlines()[0] if text else type(error).__name__
+    end = first.find(". ", 120)  # long library messages: the first sentence that says what failed
+    return first if end < 0 else first[: end + 1]
+
+
+def refused_pickle(error: BaseException) -> bool:
+    """Whether `error` is torch.load(weights_only=True) refusing a pickle that needs more than tensors."""
+    return isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error)
+
+
+def read_json(path: Path, source: str = "") -> dict:
+    """The JSON object in `path`; an `UnreadableFile` naming it when it is missing, empty, not JSON or no object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnreadableFile(path, why_unreadable(error, Path(path)), source) from error
+    if not isinstance(data, dict):
+        raise UnreadableFile(path, f"expected a JSON object, found {type(data).__name__}", source)
+    return data
+
+
+def safetensors_shapes(path: Path, source: str = "") -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the header of a safetensors file (no tensor is loaded); an `UnreadableFile`
+    naming it when it is empty, truncated, corrupted or not safetensors."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            return {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        reason = why_unreadable(error, Path(path))
+        if isinstance(error, SafetensorError) and reason != "the file is empty (0 bytes)":
+            reason = f"not a complete safetensors file (truncated or corrupted; safetensors says: {error})"
+        raise UnreadableFile(path, reason, source) from error
+
+
+def folder_shapes(folder: Path, source: str = "") -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor in the folder's safetensors files: an `UnreadableFile` for a damaged one, a
+    `ConversionError` when there is none."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{folder} has no model.safetensors (weights are read from safetensors files only).")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        shapes |= safetensors_shapes(path, source)
+    return shapes
+
+
+def check_weight_files(path: Path, source: str) -> None:
+    """Refuse, naming it, a weight file that is empty or whose safetensors header is damaged (`path` a file, or a
+    folder: its safetensors files, else its pickle files), before a loader gives a traceback or no file name."""
+    files = [path]
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or [p for p in sorted(path.iterdir()) if p.suffix in PICKLE_SUFFIXES]
+        if not files:
+            raise ConversionError(f"{source}: {path} has no weights ({' or '.join(WEIGHT_FILES)}).")
+    for file in files:
+        if file.stat().st_size == 0:
+            raise UnreadableFile(file, "the file is empty (0 bytes)", source)
+        if file.suffix == ".safetensors":
+            safetensors_shapes(file, source)
+
+
+def weights_file(folder: Path) -> Path | None:
+    """The single weight file a folder's checkpoint is read from (safetensors preferred), or None."""
+    return next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+
+
+def load_relformer_config(folder: Path) -> RelformerConfig:
+    """The `RelformerConfig` of a saved folder; a `ConversionError` naming config.json when it is missing, not JSON,
+    not a Relformer config or has invalid values."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{folder} has no config.json.")
+    model_type = read_json(config_file).get("model_type")
+    if model_type != RelformerConfig.model_type:
+        raise ConversionError(
+            f"{config_file} does not load as a RelformerConfig: model_type is {model_type!r}, expected "
+            f"{RelformerConfig.model_type!r}."
+        )
+    try:
+        return RelformerConfig.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ConversionError(f"{config_file} does not load as a RelformerConfig: {why_unreadable(error)}") from error
+
+
+def weight_problems(config: RelformerConfig, stored: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """How the stored tensors (name -> shape) differ from those of the model the config describes: missing,
+    unexpected and misshapen tensors (at most five of each), or [] when they fit."""
+    head = (config.architectures or ["RelformerModel"])[0]
+    model_class = getattr(modeling_relformer, head, None)
+    if model_class is None:
+        return [f"config.architectures names {head!r}, which is not a Relformer class."]
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tied = set(model.all_tied_weights_keys or {})  # tied copies are not stored
+    missing = sorted(set(expected) - set(stored) - tied)
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = sorted(name for name in set(stored) & set(expected) if stored[name] != expected[name])
+    problems = []
+    if missing:
+        problems.append(f"weights missing for the config: {', '.join(missing[:5])}.")
+    if unexpected:
+        problems.append(f"weights the config's model does not have: {', '.join(unexpected[:5])}.")
+    problems += [f"{name} has shape {stored[name]}, the config needs {expected[name]}." for name in wrong[:5]]
+    return problems
+
+
 def read_config(path: Path, source: str, model_types: tuple[str, ...]) -> dict:
     """The source folder's config.json, checked to be one of `model_types`."""
     if not path.is_dir():
@@ -273,10 +440,7 @@ def read_config(path: Path, source: str, model_types: tuple[str, ...]) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{source}: {path} has no config.json.")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConversionError(f"{source}: {config_file} is not valid JSON: {error}") from error
+    config = read_json(config_file, source)
     if config.get("model_type") not in model_types:
         raise ConversionError(
             f"{source}: expected model_type {' or '.join(map(repr, model_types))} in {config_file}, "
@@ -295,12 +459,24 @@ def pick_architecture(config: dict, source: str, supported: Mapping[str, object]
     return architectures[0]
 
 
-def load_pretrained(model_class, path: Path, source: str, **kwargs) -> torch.nn.Module:
-    """`model_class.from_pretrained(path)` in fp32 eval mode; a tensor missing from the files is an error."""
+def load_pretrained(
+    model_class, path: Path, source: str, read_separately: Callable[[str], bool] | None = None, **kwargs
+) -> torch.nn.Module:
+    """`model_class.from_pretrained(path)` in fp32 eval mode. A damaged weight file, a pickle that would run code,
+    tensors missing from the files, tensors the config's model does not have (except those the converter reads from
+    the files itself: `read_separately`) and shapes that do not fit config.json are `ConversionError`s naming the file
+    or tensor (transformers' own load report is not printed)."""
+    target = path / kwargs["gguf_file"] if kwargs.get("gguf_file") else path
+    check_weight_files(target, source)
     try:
-        model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ConversionError(f"{source}: cannot load {path}: {error}") from error
+        with _transformers_errors_only():
+            model, info = model_class.from_pretrained(
+                path, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+    except READ_ERRORS as error:
+        if refused_pickle(error):
+            raise UnreadableFile(weights_file(path) or path, why_unreadable(error), source) from error
+        raise ConversionError(f"{source}: cannot load {target}: {why_unreadable(error)}") from error
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     missing = sorted(set(info.get("missing_keys", ())) - tied)
     if missing:
@@ -308,22 +484,68 @@ def load_pretrained(model_class, path: Path, source: str, **kwargs) -> torch.nn.
             f"{source}: tensor {missing[0]!r} is missing from {path}"
             + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else ".")
         )
-    mismatched = info.get("mismatched_keys") or []
+    mismatched = sorted(info.get("mismatched_keys") or [])
     if mismatched:
-        raise ConversionError(f"{source}: tensor {mismatched[0]!r} has the wrong shape in {path}.")
+        name, *shapes = mismatched[0] if isinstance(mismatched[0], tuple) else (mismatched[0],)
+        found = f" (shape {tuple(shapes[0])} in the weights, {tuple(shapes[1])} from the config)" if shapes else ""
+        raise ConversionError(
+            f"{source}: {path / 'config.json'} does not fit the weights: tensor {name!r} has the wrong shape{found}"
+            + (f"; {len(mismatched) - 1} more differ." if len(mismatched) > 1 else ".")
+        )
+    unexpected = sorted(
+        name for name in info.get("unexpected_keys") or [] if read_separately is None or not read_separately(name)
+    )
+    if unexpected:
+        shown = ", ".join(map(repr, unexpected[:5])) + (
+            f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        )
+        raise ConversionError(
+            f"{source}: the weights in {path} hold tensors the model of its config.json does not have: {shown} "
+            "(config.json does not fit the weights, or an unsupported variant of the architecture)."
+        )
     return model.eval()
 
 
-def load_tokenizer(path: Path, source: str, **kwargs):
-    """The source folder's tokenizer, or None when the folder has no tokenizer files."""
-    if "gguf_file" not in kwargs and not any((path / name).is_file() for name in TOKENIZER_FILES):
+@contextlib.contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    """Silence transformers' warnings (its load report: `load_pretrained` reports those problems itself)."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def load_tokenizer(path: Path, source: str, vocab_size: int | None = None, **kwargs):
+    """The source folder's tokenizer, or None when the folder has no tokenizer files. A tokenizer that turns text into
+    no known tokens (its vocabulary files missing or damaged), or into ids at or above `vocab_size` (the tokenizer of
+    another model), is a `ConversionError`."""
+    found = [name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if "gguf_file" not in kwargs and not found:
         return None
     from transformers import AutoTokenizer
 
+    where = f"{source}: the tokenizer in {path}" if source else f"the tokenizer in {path}"
     try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise ConversionError(f"{source}: cannot load the tokenizer in {path}: {error}") from error
+        with _transformers_errors_only():
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (*READ_ERRORS, KeyError, TypeError) as error:
+        raise ConversionError(f"{where} does not load: {why_unreadable(error)}") from error
+    ids = tokenizer(SAMPLE_TEXT[0], add_special_tokens=False)["input_ids"]
+    if not ids or set(ids) <= {tokenizer.unk_token_id}:
+        raise ConversionError(
+            f"{where} turns text into no known tokens: its vocabulary is missing or damaged (files found: "
+            f"{', '.join(found) or kwargs.get('gguf_file')})."
+        )
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise ConversionError(
+            f"{where} gives token id {max(ids)}, but the model's vocabulary has {vocab_size} entries: the tokenizer "
+            "belongs to another model."
+        )
+    return tokenizer
 
 
 def finish(
@@ -384,23 +606,27 @@ def source_name(config, path: Path) -> str:
 def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
     """Tensors of a `.safetensors` file, or of a PyTorch file read with `weights_only=True` (no pickled code runs);
     a folder means its `model.safetensors` (or `pytorch_model.bin`)."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if path.is_dir():
-        candidates = [path / "model.safetensors", path / "pytorch_model.bin"]
-        found = [candidate for candidate in candidates if candidate.is_file()]
-        if not found:
-            raise ConversionError(f"{source}: {path} has no model.safetensors or pytorch_model.bin.")
-        path = found[0]
+        found = weights_file(path)
+        if found is None:
+            raise ConversionError(f"{source}: {path} has no {' or '.join(WEIGHT_FILES)}.")
+        path = found
     if not path.is_file():
         raise ConversionError(f"{source}: {path} does not exist.")
+    check_weight_files(path, source)
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as error:
-        raise ConversionError(f"{source}: cannot read tensors from {path}: {error}") from error
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except READ_ERRORS as error:
+        reason = why_unreadable(error)
+        if not refused_pickle(error):
+            reason = f"not a complete PyTorch or safetensors file (truncated or corrupted; {reason})"
+        raise UnreadableFile(path, reason, source) from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):

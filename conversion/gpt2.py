@@ -90,7 +90,7 @@ def convert(path: Path, options: Options) -> Conversion:
         pad_token_id=config.pad_token_id,
     )
     model, reinitialised = finish(config_kwargs, mapped, head_class, options, "model." if is_lm else "", head)
-    tokenizer = load_tokenizer(path, "gpt2")
+    tokenizer = load_tokenizer(path, "gpt2", config.vocab_size)
     return transformers_conversion(
         source, model, "gpt2", source_name(raw, path), tokenizer, reinitialised, tokenizer_dir=path
     )

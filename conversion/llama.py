@@ -98,7 +98,7 @@ def convert(path: Path, options: Options) -> Conversion:
         pad_token_id=config.pad_token_id,
     )
     model, reinitialised = finish(config_kwargs, mapped, head_class, options, "model." if is_lm else "", head)
-    tokenizer = load_tokenizer(folder, "llama", **({"gguf_file": gguf_file} if gguf_file else {}))
+    tokenizer = load_tokenizer(folder, "llama", config.vocab_size, **({"gguf_file": gguf_file} if gguf_file else {}))
     return transformers_conversion(
         source,
         model,

@@ -17,7 +17,6 @@ unless `--position-embedding-type` re-initialises them. Verification feeds the s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -25,13 +24,17 @@ from torch import nn
 
 from hf_relformer import RelformerModel
 
-from .common import Conversion, ConversionError, Options, SourceTensors, finish, read_state_dict
+from .common import Conversion, ConversionError, Options, SourceTensors, finish, read_json, read_state_dict
 
 MODULES = ("Transformer", "TransformerEncoder")
 KNOWN_KEYS = {
     "module", "d_model", "nhead", "num_encoder_layers", "num_decoder_layers", "num_layers", "dim_feedforward",
     "activation", "layer_norm_eps", "norm_first", "bias", "vocab_size", "prefix", "embedding", "causal",
     "dropout", "batch_first",
+}  # fmt: skip
+OPTIONAL_TYPES = {  # the optional keys and the JSON types they take
+    "prefix": str, "embedding": (str, type(None)), "activation": str, "norm_first": bool, "bias": bool,
+    "causal": bool, "batch_first": bool, "layer_norm_eps": (int, float), "dropout": (int, float),
 }  # fmt: skip
 
 
@@ -145,27 +148,31 @@ def convert(path: Path, options: Options) -> Conversion:
 def _read_hparams(path: Path | None) -> dict:
     if path is None:
         raise ConversionError("torch-transformer: --hparams FILE.json (the module's constructor arguments) is needed.")
-    try:
-        hparams = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConversionError(f"torch-transformer: cannot read --hparams {path}: {error}") from error
-    if not isinstance(hparams, dict):
-        raise ConversionError(f"torch-transformer: {path} must hold a JSON object.")
+    hparams = read_json(path, "torch-transformer --hparams")
     unknown = sorted(set(hparams) - KNOWN_KEYS)
     if unknown:
         raise ConversionError(f"torch-transformer: unknown keys in {path}: {', '.join(unknown)}.")
     if hparams.get("module") not in MODULES:
         raise ConversionError(f"torch-transformer: 'module' must be one of {', '.join(MODULES)} in {path}.")
     layer_keys = ("num_encoder_layers", "num_decoder_layers") if hparams["module"] == "Transformer" else ("num_layers",)
-    for key in ("d_model", "nhead", "vocab_size", *layer_keys):
+    optional = ("dim_feedforward",) if "dim_feedforward" in hparams else ()
+    for key in ("d_model", "nhead", "vocab_size", *layer_keys, *optional):
         value = hparams.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _has_type(value, int) or value < 1:
             raise ConversionError(f"torch-transformer: {key!r} must be a positive integer in {path}, got {value!r}.")
+    for key, types in OPTIONAL_TYPES.items():
+        if key in hparams and not _has_type(hparams[key], types):
+            raise ConversionError(f"torch-transformer: {key!r} has the wrong type in {path}: {hparams[key]!r}.")
     if hparams.get("activation", "relu") not in ("relu", "gelu"):
         raise ConversionError(f"torch-transformer: activation must be 'relu' or 'gelu', got {hparams['activation']!r}.")
     if hparams.get("causal") and hparams["module"] != "TransformerEncoder":
         raise ConversionError("torch-transformer: 'causal' applies to a TransformerEncoder only.")
     return hparams
+
+
+def _has_type(value: object, types: type | tuple[type, ...]) -> bool:
+    """`isinstance`, except that JSON's true and false are bools only (not integers)."""
+    return isinstance(value, types) and (types is bool or not isinstance(value, bool))
 
 
 def _reference_module(hparams: dict, state: dict, final_norm: bool) -> nn.Module:

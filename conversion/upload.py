@@ -24,11 +24,22 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
+from hf_relformer.cli import run_command
+
 from .card import CardError, write_card
-from .common import TOKENIZER_FILES
+from .common import (
+    PICKLE_SUFFIXES,
+    TOKENIZER_FILES,
+    ConversionError,
+    UnreadableFile,
+    folder_shapes,
+    is_hub_name,
+    load_relformer_config,
+    load_tokenizer,
+    weight_problems,
+)
 
 MODEL_CODE = ("configuration_relformer.py", "modeling_relformer.py", "positions_relformer.py")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 RETRIES, BACKOFF_SECONDS = 4, 2.0
 
 # Loads the folder with trust_remote_code=True in a process where hf_relformer cannot be imported.
@@ -73,13 +84,14 @@ def validate_folder(folder: str | Path, write_card_if_missing: bool = False, rem
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         result.problems.append(f"pickle-based weight files would run code when loaded: {', '.join(pickles)}.")
-    if config is not None:
-        _check_weights(folder, config, result)
+    _check_weights(folder, config, result)
     missing_code = [name for name in MODEL_CODE if not (folder / name).is_file()]
     if missing_code:
         result.problems.append(f"modeling code missing (needed for trust_remote_code): {', '.join(missing_code)}.")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         result.warnings.append("no tokenizer files: users will need a tokenizer from elsewhere.")
+    elif config is not None:
+        _check_tokenizer(folder, config, result)
     _check_card(folder, result, write_card_if_missing)
     if remote_check and result.ok and config is not None:
         _check_remote_load(folder, config, result)
@@ -87,56 +99,33 @@ def validate_folder(folder: str | Path, write_card_if_missing: bool = False, rem
 
 
 def _check_config(folder: Path, result: Validation):
-    from hf_relformer import RelformerConfig
-
-    if not (folder / "config.json").is_file():
-        result.problems.append("config.json missing.")
-        return None
     try:
-        return RelformerConfig.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as error:
-        result.problems.append(f"config.json does not load as a RelformerConfig: {error}")
+        return load_relformer_config(folder)
+    except ConversionError as error:
+        result.problems.append(str(error))
         return None
 
 
 def _check_weights(folder: Path, config, result: Validation) -> None:
-    """The safetensors hold exactly the tensors (names and shapes) the config's model has."""
-    import torch
-    from safetensors import SafetensorError, safe_open
-
-    from hf_relformer import modeling_relformer
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        result.problems.append("no model.safetensors (weights must be safetensors).")
+    """The safetensors can be read and (with a config) hold exactly the tensors, names and shapes, of its model."""
+    try:
+        stored = folder_shapes(folder)
+    except UnreadableFile as error:
+        result.problems.append(f"{error.path.name} cannot be read: {error.reason}")
         return
-    stored: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        try:
-            with safe_open(path, framework="pt") as file:
-                for name in file.keys():  # noqa: SIM118
-                    stored[name] = tuple(file.get_slice(name).get_shape())
-        except (SafetensorError, OSError) as error:
-            result.problems.append(f"{path.name} cannot be read: {error}")
-            return
-    head = (config.architectures or ["RelformerModel"])[0]
-    model_class = getattr(modeling_relformer, head, None)
-    if model_class is None:
-        result.problems.append(f"config.architectures names {head!r}, which is not a Relformer class.")
+    except ConversionError as error:  # no safetensors file
+        result.problems.append(str(error))
         return
-    with torch.device("meta"):
-        model = model_class(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    tied = set(model.all_tied_weights_keys or {})  # tied copies are not stored
-    missing = sorted(set(expected) - set(stored) - tied)
-    unexpected = sorted(set(stored) - set(expected))
-    wrong = sorted(name for name in set(stored) & set(expected) if stored[name] != expected[name])
-    if missing:
-        result.problems.append(f"weights missing for the config: {', '.join(missing[:5])}.")
-    if unexpected:
-        result.problems.append(f"weights the config's model does not have: {', '.join(unexpected[:5])}.")
-    for name in wrong[:5]:
-        result.problems.append(f"{name} has shape {stored[name]}, the config needs {expected[name]}.")
+    if config is not None:
+        result.problems.extend(weight_problems(config, stored))
+
+
+def _check_tokenizer(folder: Path, config, result: Validation) -> None:
+    """Tokenizer files that are there must load and give ids the model has."""
+    try:
+        load_tokenizer(folder, "", config.vocab_size)
+    except ConversionError as error:
+        result.problems.append(str(error))
 
 
 def _check_card(folder: Path, result: Validation, write_card_if_missing: bool) -> None:
@@ -289,23 +278,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"{args.folder} is not a folder")
-    if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
+    if not is_hub_name(args.repo_id):
         parser.error(f"repo_id must look like owner/name, got {args.repo_id!r}")
     if args.create_branch and not args.revision:
         parser.error("--create-branch needs --revision")
-    try:
-        upload(
-            args.folder, args.repo_id, private=args.private, revision=args.revision,
-            create_branch=args.create_branch, commit_message=args.commit_message, token=args.token,
-            endpoint=args.endpoint, write_card_if_missing=args.write_card, dry_run=args.dry_run,
-        )  # fmt: skip
-    except UploadError as error:
-        print(f"relformer-upload: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("relformer-upload: interrupted; nothing was committed by this run.", file=sys.stderr)
-        return 130
-    return 0
+    if args.endpoint and not args.endpoint.startswith(("http://", "https://")):
+        parser.error(f"--endpoint must be an http:// or https:// URL, got {args.endpoint!r}")
+    return run_command(
+        "relformer-upload",
+        lambda: upload(
+            args.folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            create_branch=args.create_branch,
+            commit_message=args.commit_message,
+            token=args.token,
+            endpoint=args.endpoint,
+            write_card_if_missing=args.write_card,
+            dry_run=args.dry_run,
+        ),
+        (UploadError,),
+        "nothing was committed by this run.",
+    )
 
 
 if __name__ == "__main__":

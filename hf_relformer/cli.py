@@ -1,10 +1,27 @@
-"""The `relformer` command line."""
+"""The `relformer` command line, and the conventions every relformer command follows (`run_command`): a usage
+error exits with 2 and argparse's message, a runtime problem (a damaged file, a failed check) with 1 and one line
+`PROG: error: ...`, Ctrl-C with 130; none prints a traceback."""
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from .demo import SCHEMES, TASKS, DemoSettings, run_demo
+from .demo import SCHEMES, TASKS, DemoSettings, output_problem, run_demo
+
+
+def run_command(prog: str, work: Callable[[], object], errors: tuple[type[Exception], ...], interrupted: str) -> int:
+    """Run a command's work: `errors` (expected runtime problems) print `PROG: error: MESSAGE` and give exit code 1,
+    Ctrl-C prints `PROG: interrupted; INTERRUPTED` and gives 130; success gives 0."""
+    try:
+        work()
+    except errors as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
+        return 130
+    return 0
 
 
 def _int_list(text: str) -> list[int]:
@@ -70,10 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             setattr(settings, name, value)
     if 0 in settings.multipliers:
         parser.error("--lengths must be >= 1")
-    if args.output.exists() and not args.output.is_dir():
-        parser.error(f"--output {args.output} exists and is not a folder")
-    run_demo(settings, args.output, progress=not args.no_progress)
-    return 0
+    problem = output_problem(args.output)
+    if problem:
+        parser.error(f"--output: {problem}")
+    return run_command(
+        "relformer demo",
+        lambda: run_demo(settings, args.output, progress=not args.no_progress),
+        (OSError,),  # the output cannot be written (disk full, permissions)
+        f"{args.output} is unchanged.",
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
 
 from .configuration_relformer import RelformerConfig
 from .modeling_relformer import RelformerForCausalLM
-from .saving import ExtraFiles, save_pretrained_atomically, write_atomically
+from .saving import ExtraFiles, Subfolder, save_pretrained_atomically
+from .saving import output_problem as _folder_problem
 
 SYMBOLS = [str(d) for d in range(10)] + ["+", "=", ">"]
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -199,8 +200,8 @@ def markdown_table(rows: list[dict], settings: DemoSettings) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], settings: DemoSettings, path: Path) -> None:
-    """Accuracy vs length, one line per scheme, one panel per task."""
+def plot(rows: list[dict], settings: DemoSettings) -> bytes:
+    """Accuracy vs length, one line per scheme, one panel per task, as PNG."""
     try:
         import matplotlib
 
@@ -222,7 +223,7 @@ def plot(rows: list[dict], settings: DemoSettings, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    write_atomically(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -244,28 +245,47 @@ def model_card(settings: DemoSettings, table: str, task: str, scheme: str, seed:
     )  # fmt: skip
 
 
+OUTPUTS = ("accuracy.png", "results.json", "best-model")  # what the demo writes in its output folder
+
+
+def output_problem(output: Path) -> str | None:
+    """Why the demo cannot write `output`, or None. The folder is replaced as a whole (so that an interrupted run
+    leaves the previous results intact), hence a folder holding anything else is refused rather than replaced."""
+    problem = _folder_problem(output)
+    if problem is None and output.is_dir():
+        others = sorted(path.name for path in output.iterdir() if path.name not in OUTPUTS)
+        if others:
+            problem = (
+                f"{output} holds files the demo did not write ({', '.join(others[:5])}); the demo replaces its output "
+                "folder as a whole, so choose a new or empty folder"
+            )
+    return problem
+
+
 def run_demo(settings: DemoSettings, output: Path, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
-    """The whole demo: train, evaluate, table + plot, save the best model with a card, reload it, generate."""
+    """The whole demo: train, evaluate, table + plot, save the best model with a card, reload it, generate.
+
+    `output` gets accuracy.png, results.json and best-model/ in one atomic step at the end: an interrupted or failed
+    run leaves a previous output folder exactly as it was."""
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    problem = output_problem(output)
+    if problem:
+        raise ValueError(problem)
     started = time.perf_counter()
     records, best = run_experiment(settings, progress)
     rows = summarize(records, settings)
     table = markdown_table(rows, settings)
     echo(table)
-    plot_path = output / "accuracy.png"
-    plot(rows, settings, plot_path)
-    write_atomically(output / "results.json", json.dumps({"settings": asdict(settings), "runs": records}, indent=2))
+    png = plot(rows, settings)
+    results = json.dumps({"settings": asdict(settings), "runs": records}, indent=2)
 
     task = settings.tasks[0]
     scheme, seed, model = best[task]
+    card = ExtraFiles({"README.md": model_card(settings, table, task, scheme, seed), "accuracy.png": png})
+    best_model = Subfolder("best-model", model, char_tokenizer(), card)
+    save_pretrained_atomically(output, ExtraFiles({"accuracy.png": png, "results.json": results}), best_model)
     model_dir = output / "best-model"
-    card = ExtraFiles(
-        {"README.md": model_card(settings, table, task, scheme, seed), "accuracy.png": plot_path.read_bytes()}
-    )
-    save_pretrained_atomically(model_dir, model, char_tokenizer(), card)
     echo(f"best on {task} (2x, then 1x): {scheme} (seed {seed}), saved to {model_dir}")
-
     reloaded = AutoModelForCausalLM.from_pretrained(model_dir)
     generator = pipeline("text-generation", model=str(model_dir))
     rng = random.Random(1)

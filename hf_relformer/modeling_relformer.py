@@ -6,6 +6,7 @@ This file is shipped with every saved checkpoint (remote code): it imports only 
 sibling files through single-dot relative imports.
 """
 
+import os
 import pickle
 from collections.abc import Callable
 
@@ -360,16 +361,26 @@ class RelformerPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' `from_pretrained`, with errors that name the checkpoint when its weight file is damaged, when
-        its tensors do not fit its config.json, or when tensors of the model body are missing from it (transformers
-        would initialise those at random with a warning). Pass `allow_missing_weights=True` to accept missing ones
-        (e.g. after changing `position_embedding_type`); a head's own new layers (a classifier) are always allowed."""
+        """transformers' `from_pretrained`, with errors that name the checkpoint and the problem: no config.json, a
+        damaged weight file, a pickle that would run code, and tensors that do not fit config.json (other shapes;
+        tensors of the model body missing, which transformers would initialise at random with a warning; or body
+        tensors the config has no place for). `ignore_mismatched_sizes=True` re-initialises misshapen tensors and
+        `allow_missing_weights=True` missing ones (e.g. after changing `position_embedding_type`); a head's own new
+        layers (a classifier on a language model's checkpoint) are always allowed."""
         allow_missing = kwargs.pop("allow_missing_weights", False)
+        allow_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         wants_info = kwargs.pop("output_loading_info", False)
         where = f"checkpoint {str(pretrained_model_name_or_path)!r}"
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if kwargs.get("config") is None and os.path.isdir(folder) and not os.path.isfile(f"{folder}/config.json"):
+            raise OSError(f"The {where} has no config.json: the folder is incomplete.")
         try:
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+                pretrained_model_name_or_path,
+                *model_args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, by name
+                **kwargs,
             )
         except SafetensorError as error:
             raise OSError(
@@ -382,22 +393,11 @@ class RelformerPreTrainedModel(PreTrainedModel):
                 "would run code, so it was refused (torch.load with weights_only=True). Use a .safetensors copy from "
                 f"a source you trust. torch said: {_pickle_refusal(error)}"
             ) from error
-        except RuntimeError as error:
-            if "ignore_mismatched_sizes" not in str(error) and "size mismatch" not in str(error):
-                raise
+        problems = _loading_problems(model, info, allow_missing, allow_mismatched)
+        if problems:
             raise ValueError(
-                f"The tensors of the {where} do not fit its config.json: some shapes differ (the load report above "
-                "lists them). Was config.json edited or copied from another checkpoint? To load anyway and "
-                "re-initialise those tensors, pass ignore_mismatched_sizes=True."
-            ) from error
-        prefix = f"{cls.base_model_prefix}." if hasattr(model, cls.base_model_prefix) else ""  # a head: its body
-        missing = sorted(key for key in info["missing_keys"] if key.startswith(prefix))
-        if missing and not allow_missing:
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise ValueError(
-                f"The {where} lacks {len(missing)} tensor(s) of the model: {shown}. The weight file is incomplete or "
-                "was saved from a different configuration. Pass allow_missing_weights=True to initialise them at "
-                "random."
+                f"The tensors of the {where} do not fit its config.json (an incomplete weight file, or a config "
+                f"edited or copied from another checkpoint): {'; '.join(problems)}."
             )
         return (model, info) if wants_info else model
 
@@ -428,6 +428,40 @@ class RelformerPreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, module.compute_inv_freq())
         elif isinstance(module, RotaryPositions):
             init.copy_(module.inv_freq, module.compute_inv_freq()[0])
+
+
+def _loading_problems(model: nn.Module, info: dict, allow_missing: bool, allow_mismatched: bool) -> list[str]:
+    """What `from_pretrained`'s loading info says is wrong with the checkpoint's tensors of the model body: other
+    shapes, missing tensors, tensors the body has no place for (keys of another head are not the body's)."""
+    prefix = model.base_model_prefix
+    is_head = getattr(model, prefix, model) is not model
+    children = {name for name, _ in model.named_children()}
+
+    def in_body(key: str) -> bool:  # a head's body is under "model."; the bare model's, its own children
+        return key.startswith(f"{prefix}.") if is_head else key.removeprefix(f"{prefix}.").split(".")[0] in children
+
+    def listed(keys: list[str]) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+    problems = []
+    mismatched = sorted(entry for entry in info.get("mismatched_keys") or () if in_body(entry[0]))
+    if mismatched and not allow_mismatched:
+        shown = [f"{name} is {tuple(stored)} in the file, {tuple(needed)} here" for name, stored, needed in mismatched]
+        problems.append(
+            f"{len(mismatched)} tensor(s) of another shape ({listed(shown)}; ignore_mismatched_sizes=True "
+            "re-initialises them)"
+        )
+    missing = [key for key in info.get("missing_keys") or () if in_body(key)]
+    if missing and not allow_missing:
+        problems.append(
+            f"{len(missing)} tensor(s) missing ({listed(missing)}; allow_missing_weights=True initialises them at "
+            "random)"
+        )
+    unexpected = [key for key in info.get("unexpected_keys") or () if in_body(key)]
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) the model has no place for ({listed(unexpected)})")
+    return problems
 
 
 def _pickle_refusal(error: Exception) -> str:

@@ -105,9 +105,11 @@ def test_gpt2_base_model_and_untied_head(tmp_path):
     config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=32, vocab_size=100, tie_word_embeddings=False)
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "untied")
     GPT2Model(config).save_pretrained(tmp_path / "base")
-    assert converted("gpt2", tmp_path / "untied", tmp_path / "untied-out")["verified"]
+    with pytest.warns(UserWarning, match=r"bos_token_id=50256 is outside its vocabulary of 100: dropped"):
+        assert converted("gpt2", tmp_path / "untied", tmp_path / "untied-out")["verified"]
     assert converted("gpt2", tmp_path / "base", tmp_path / "base-out")["verified"]
     untied = AutoModelForCausalLM.from_pretrained(tmp_path / "untied-out")
+    assert untied.config.bos_token_id is None and untied.config.eos_token_id is None
     assert not torch.equal(untied.lm_head.weight, untied.model.embed_tokens.weight)
     assert type(AutoModel.from_pretrained(tmp_path / "base-out")).__name__ == "RelformerModel"
 

@@ -80,8 +80,28 @@ def test_a_config_that_does_not_fit_the_weights_is_named(good, tmp_path, field, 
         path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
 
     folder = damaged(good, tmp_path, edit_config)  # 8 heads: config.json keeps head_dim 8, so q is [64, 32]
-    with pytest.raises(ValueError, match=r"do not fit its config\.json"):
+    tensor = {"hidden_size": "model.embed_tokens.weight", "vocab_size": "model.embed_tokens.weight"}.get(
+        field, "model.layers.0.self_attn.o_proj.weight"
+    )
+    with pytest.raises(ValueError, match=rf"do not fit its config\.json.*another shape \({tensor} is \("):
         AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(ValueError, match="another shape"):
+        AutoModel.from_pretrained(folder)
+    _, info = AutoModelForCausalLM.from_pretrained(folder, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert tensor in {entry[0] for entry in info["mismatched_keys"]}
+
+
+def test_tensors_the_config_has_no_place_for_are_named(good, tmp_path):
+    """A config.json with fewer layers than the weights: transformers would drop the extra layer silently."""
+
+    def fewer_layers(folder: Path) -> None:
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "num_hidden_layers": 1}))
+
+    folder = damaged(good, tmp_path, fewer_layers)
+    for auto in (AutoModelForCausalLM, AutoModel):
+        with pytest.raises(ValueError, match=r"17 tensor\(s\) the model has no place for \(model\.layers\.1\."):
+            auto.from_pretrained(folder)
 
 
 def test_missing_tensors_are_named_unless_allowed(good, tmp_path):
@@ -92,7 +112,7 @@ def test_missing_tensors_are_named_unless_allowed(good, tmp_path):
 
     folder = damaged(good, tmp_path, drop_a_tensor)
     for auto, name in ((AutoModelForCausalLM, "model.layers.1"), (AutoModel, "layers.1")):
-        with pytest.raises(ValueError, match=rf"lacks 1 tensor\(s\) of the model: {name}.mlp.up_proj.weight"):
+        with pytest.raises(ValueError, match=rf"1 tensor\(s\) missing \({name}.mlp.up_proj.weight; allow_missing"):
             auto.from_pretrained(folder)
     model, info = AutoModelForCausalLM.from_pretrained(folder, allow_missing_weights=True, output_loading_info=True)
     assert info["missing_keys"] == {"model.layers.1.mlp.up_proj.weight"}
@@ -115,7 +135,9 @@ def test_half_there_folders_say_what_is_missing(good, tmp_path):
     shutil.rmtree(folder)
     folder = damaged(good, tmp_path, lambda folder: (folder / "config.json").unlink())
     with pytest.raises((OSError, ValueError), match=r"config\.json"):
-        AutoModelForCausalLM.from_pretrained(folder)
+        AutoModelForCausalLM.from_pretrained(folder)  # transformers: "Should have a `model_type` key in its config"
+    with pytest.raises(OSError, match=r"has no config\.json: the folder is incomplete"):
+        RelformerForCausalLM.from_pretrained(folder)
     shutil.rmtree(folder)
     folder = damaged(good, tmp_path, lambda folder: (folder / "config.json").write_text("{"))
     with pytest.raises(OSError, match="not a valid JSON file"):
