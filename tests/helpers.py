@@ -1,15 +1,20 @@
-"""Test helpers: tiny configs and weights large enough that generation tests can fail."""
+"""Test helpers: tiny configs and weights large enough that generation tests can fail, and the naive Shaw
+attention reference with the comparison of a layer's attention against it."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 import hf_relformer  # noqa: F401  (registers the Auto classes)
-from hf_relformer import RelformerConfig, RelformerForCausalLM, RelformerForConditionalGeneration
+from hf_relformer import RelformerConfig, RelformerForCausalLM, RelformerForConditionalGeneration, RelformerModel
+from hf_relformer.modeling_relformer import repeat_kv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("RELFORMER_ASSETS", REPO_ROOT / "assets"))
@@ -75,6 +80,117 @@ def tiny_seq2seq(scheme: str = "relative", seed: int = 0, **overrides) -> Relfor
     config = tiny_config(**SCHEMES[scheme], **values)
     torch.manual_seed(seed)
     return redraw_weights(RelformerForConditionalGeneration(config), seed=seed)
+
+
+def naive_shaw_attention(
+    query, key, value, key_table, value_table, max_distance, causal, query_offset, mask=None, key_query=False
+):
+    """Shaw et al. (2018), eq. (3)-(5), written the obvious way (`key_query`: plus `k_j·a_ij`, Huang et al. 2020).
+
+    query `[B, H, Lq, D]` at positions `query_offset + i`, key/value `[B, H, Lk, D]` at positions `j`; tables
+    `[R, D]` (shared) or `[H, R, D]` (per head), with rows for distances -k..0 (causal) or -k..k. `mask` `[B, Lk]`.
+    """
+    lq, lk, d = query.shape[2], key.shape[2], query.shape[3]
+    distance = torch.arange(lk)[None, :] - (query_offset + torch.arange(lq))[:, None]  # j - i
+    rows = distance.clamp(-max_distance, max_distance) + max_distance  # row of a 2k + 1 table
+    if causal:  # tables keep only distances -k..0
+        rows = rows.clamp(max=max_distance)
+    a_key = key_table[..., rows, :]  # [Lq, Lk, D] or [H, Lq, Lk, D]
+    if key_table.dim() == 2:
+        a_key = a_key.expand(query.shape[1], lq, lk, d)
+    scores = query @ key.transpose(-1, -2) + torch.einsum("bhid,hijd->bhij", query, a_key)
+    if key_query:
+        scores = scores + torch.einsum("bhjd,hijd->bhij", key, a_key)
+    scores = scores / math.sqrt(d)
+    if causal:
+        scores = scores.masked_fill(distance > 0, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1)
+    out = probs @ value
+    if value_table is not None:
+        a_value = value_table[..., rows, :]
+        if value_table.dim() == 2:
+            a_value = a_value.expand(query.shape[1], lq, lk, d)
+        out = out + torch.einsum("bhij,hijd->bhid", probs, a_value)
+    return out
+
+
+def run_attention(model, hidden, past, mask):
+    """Run layer 0's attention on `hidden [B, L, C]`, the first `past` positions as a cache, then the rest
+    (`mask` `[B, L]`, or None for no mask at all).
+
+    Returns the output of the second call (before the output projection) and the projected q, k, v of all of
+    `hidden`, so the reference can be computed from the very same projections.
+    """
+    attention = model.layers[0].self_attn
+    captured = {}
+    hook = attention.o_proj.register_forward_hook(lambda module, args, out: captured.__setitem__("out", args[0]))
+    cache = DynamicCache(config=model.config) if model.is_causal else None
+    query_length = hidden.shape[1] - past
+
+    def call(states, past_length, key_length, attention_mask):
+        position_ids = (torch.arange(states.shape[1]) + past_length)[None]
+        embedded = states.new_zeros(states.shape)
+        _, buckets = model.embed_positions(embedded, position_ids, past_length, key_length)
+        return attention(states, attention_mask, buckets, cache)
+
+    full_mask = model_mask(model, hidden, mask, past)
+    if past:
+        prefix_mask = None if mask is None else mask[:, :past]
+        call(hidden[:, :past], 0, past, model_mask(model, hidden[:, :past], prefix_mask, 0))
+    call(hidden[:, past:], past, hidden.shape[1], full_mask)
+    hook.remove()
+    shape = (hidden.shape[0], -1, attention.head_dim)
+    q, k, v = (
+        proj(hidden).view(*hidden.shape[:2], *shape[1:]).transpose(1, 2)
+        for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+    )
+    out = captured["out"].view(hidden.shape[0], query_length, -1, attention.head_dim).transpose(1, 2)
+    return (
+        out,
+        q[:, :, past:],
+        repeat_kv(k, attention.num_key_value_groups),
+        repeat_kv(v, attention.num_key_value_groups),
+    )
+
+
+def model_mask(model, hidden, mask, past):
+    """The 4-D mask the model would build for these inputs."""
+    if model.is_causal:
+        cache = DynamicCache(config=model.config)
+        if past:
+            shape = (hidden.shape[0], model.config.num_key_value_heads, past, model.config.head_dim)
+            cache.update(torch.zeros(shape), torch.zeros(shape), 0)
+        return create_causal_mask(model.config, hidden[:, past:], mask, cache)
+    return create_bidirectional_mask(model.config, hidden, mask)
+
+
+def assert_attention_matches_naive(model: RelformerModel, hidden: torch.Tensor, past: int, mask: torch.Tensor | None):
+    """Layer 0's self-attention of `model` (a decoder-only or encoder `RelformerModel` with relative positions) on
+    `hidden [B, L, C]`, the first `past` positions from a cache, equals `naive_shaw_attention` at every real query.
+
+    A causal query at a pad sees no key at all: its output is arbitrary, so only real queries are compared.
+    """
+    out, q, k, v = run_attention(model, hidden, past, mask)
+    config, shaw = model.config, model.layers[0].self_attn.position
+    expected = naive_shaw_attention(
+        q,
+        k,
+        v,
+        shaw.relative_key_table,
+        shaw.relative_value_table,
+        config.relative_attention_max_distance,
+        model.is_causal,
+        past,
+        mask,
+        key_query=config.relative_attention_key_query,
+    )
+    real_queries = torch.ones(hidden.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+    real_queries = real_queries[:, past:]
+    torch.testing.assert_close(
+        out.transpose(1, 2)[real_queries], expected.transpose(1, 2)[real_queries], atol=1e-5, rtol=1e-5
+    )
 
 
 REMOTE_SCRIPT = """

@@ -1,50 +1,13 @@
-"""The model's Shaw attention against a naive reference that gathers the full `[Lq, Lk, d]` relative tensors."""
-
-import math
+"""The model's Shaw attention against a naive reference that gathers the full `[Lq, Lk, d]` relative tensors
+(`helpers.naive_shaw_attention`)."""
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from hf_relformer import RelformerModel, modeling_relformer
-from hf_relformer.modeling_relformer import repeat_kv
 from hf_relformer.positions_relformer import BucketIndex
 
-from helpers import redraw_weights, tiny_config, tiny_lm
-
-
-def naive_shaw_attention(
-    query, key, value, key_table, value_table, max_distance, causal, query_offset, mask=None, key_query=False
-):
-    """Shaw et al. (2018), eq. (3)-(5), written the obvious way (`key_query`: plus `k_j·a_ij`, Huang et al. 2020).
-
-    query `[B, H, Lq, D]` at positions `query_offset + i`, key/value `[B, H, Lk, D]` at positions `j`; tables
-    `[R, D]` (shared) or `[H, R, D]` (per head), with rows for distances -k..0 (causal) or -k..k. `mask` `[B, Lk]`.
-    """
-    lq, lk, d = query.shape[2], key.shape[2], query.shape[3]
-    distance = torch.arange(lk)[None, :] - (query_offset + torch.arange(lq))[:, None]  # j - i
-    rows = distance.clamp(-max_distance, max_distance) + max_distance  # row of a 2k + 1 table
-    if causal:  # tables keep only distances -k..0
-        rows = rows.clamp(max=max_distance)
-    a_key = key_table[..., rows, :]  # [Lq, Lk, D] or [H, Lq, Lk, D]
-    if key_table.dim() == 2:
-        a_key = a_key.expand(query.shape[1], lq, lk, d)
-    scores = query @ key.transpose(-1, -2) + torch.einsum("bhid,hijd->bhij", query, a_key)
-    if key_query:
-        scores = scores + torch.einsum("bhjd,hijd->bhij", key, a_key)
-    scores = scores / math.sqrt(d)
-    if causal:
-        scores = scores.masked_fill(distance > 0, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
-    probs = scores.softmax(-1)
-    out = probs @ value
-    if value_table is not None:
-        a_value = value_table[..., rows, :]
-        if value_table.dim() == 2:
-            a_value = a_value.expand(query.shape[1], lq, lk, d)
-        out = out + torch.einsum("bhij,hijd->bhid", probs, a_value)
-    return out
+from helpers import assert_attention_matches_naive, naive_shaw_attention, redraw_weights, tiny_config, tiny_lm
 
 
 def test_naive_reference_matches_a_loop():
@@ -58,55 +21,6 @@ def test_naive_reference_matches_a_loop():
         alpha = e.softmax(0)
         z = sum(alpha[j] * (v[0, 0, j] + value_table[max(-2, min(2, j - i)) + 2]) for j in range(5))
         torch.testing.assert_close(out[0, 0, i], z)
-
-
-def run_attention(model, hidden, past, mask):
-    """Run layer 0's attention on `hidden [B, L, C]`, the first `past` positions as a cache, then the rest.
-
-    Returns the output of the second call (before the output projection) and the projected q, k, v of all of
-    `hidden`, so the reference can be computed from the very same projections.
-    """
-    attention = model.layers[0].self_attn
-    captured = {}
-    attention.o_proj.register_forward_hook(lambda module, args, out: captured.__setitem__("out", args[0]))
-    cache = DynamicCache(config=model.config) if model.is_causal else None
-    query_length = hidden.shape[1] - past
-
-    def call(states, past_length, key_length, attention_mask):
-        position_ids = (torch.arange(states.shape[1]) + past_length)[None]
-        embedded = states.new_zeros(states.shape)
-        _, buckets = model.embed_positions(embedded, position_ids, past_length, key_length)
-        return attention(states, attention_mask, buckets, cache)
-
-    full_mask = model_mask(model, hidden, mask, past)
-    if past:
-        call(hidden[:, :past], 0, past, model_mask(model, hidden[:, :past], mask[:, :past], 0))
-    call(hidden[:, past:], past, hidden.shape[1], full_mask)
-    shape = (hidden.shape[0], -1, attention.head_dim)
-    q, k, v = (
-        proj(hidden).view(*hidden.shape[:2], *shape[1:]).transpose(1, 2)
-        for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
-    )
-    out = captured["out"].view(hidden.shape[0], query_length, -1, attention.head_dim).transpose(1, 2)
-    return (
-        out,
-        q[:, :, past:],
-        repeat_kv(k, attention.num_key_value_groups),
-        repeat_kv(v, attention.num_key_value_groups),
-    )
-
-
-def model_mask(model, hidden, mask, past):
-    """The 4-D mask the model would build for these inputs."""
-    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
-
-    if model.is_causal:
-        cache = DynamicCache(config=model.config)
-        if past:
-            shape = (hidden.shape[0], model.config.num_key_value_heads, past, model.config.head_dim)
-            cache.update(torch.zeros(shape), torch.zeros(shape), 0)
-        return create_causal_mask(model.config, hidden[:, past:], mask, cache)
-    return create_bidirectional_mask(model.config, hidden, mask)
 
 
 CASES = [
@@ -159,24 +73,7 @@ def test_attention_matches_naive_shaw(
     mask = torch.ones(2, length, dtype=torch.long)
     if padded:
         mask[1, :3] = 0  # causal: left padding; bidirectional: any padding
-    out, q, k, v = run_attention(model, hidden, past, mask)
-    shaw = model.layers[0].self_attn.position
-    expected = naive_shaw_attention(
-        q,
-        k,
-        v,
-        shaw.relative_key_table,
-        shaw.relative_value_table,
-        3,
-        causal,
-        past,
-        mask if padded else None,
-        key_query=key_query,
-    )
-    real_queries = mask[:, past:].bool()  # a causal query at a pad sees no key at all: its output is arbitrary
-    torch.testing.assert_close(
-        out.transpose(1, 2)[real_queries], expected.transpose(1, 2)[real_queries], atol=1e-5, rtol=1e-5
-    )
+    assert_attention_matches_naive(model, hidden, past, mask)
 
 
 def test_values_refuse_other_backends():
