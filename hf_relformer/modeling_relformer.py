@@ -364,10 +364,12 @@ class RelformerPreTrainedModel(PreTrainedModel):
         """transformers' `from_pretrained`, with errors that name the checkpoint and the problem: no config.json, a
         damaged weight file, a pickle that would run code, and tensors that do not fit config.json (other shapes;
         tensors of the model body missing, which transformers would initialise at random with a warning; or body
-        tensors the config has no place for). `ignore_mismatched_sizes=True` re-initialises misshapen tensors and
-        `allow_missing_weights=True` missing ones (e.g. after changing `position_embedding_type`); a head's own new
-        layers (a classifier on a language model's checkpoint) are always allowed."""
+        tensors the config has no place for). `ignore_mismatched_sizes=True` re-initialises misshapen tensors,
+        `allow_missing_weights=True` missing ones (e.g. after changing `position_embedding_type`), and
+        `allow_unused_weights=True` drops surplus ones (e.g. after turning `relative_attention_values` off); a head's
+        own new layers (a classifier on a language model's checkpoint) are always allowed."""
         allow_missing = kwargs.pop("allow_missing_weights", False)
+        allow_unused = kwargs.pop("allow_unused_weights", False)
         allow_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         wants_info = kwargs.pop("output_loading_info", False)
         where = f"checkpoint {str(pretrained_model_name_or_path)!r}"
@@ -393,7 +395,7 @@ class RelformerPreTrainedModel(PreTrainedModel):
                 "would run code, so it was refused (torch.load with weights_only=True). Use a .safetensors copy from "
                 f"a source you trust. torch said: {_pickle_refusal(error)}"
             ) from error
-        problems = _loading_problems(model, info, allow_missing, allow_mismatched)
+        problems = _loading_problems(model, info, allow_missing, allow_mismatched, allow_unused)
         if problems:
             raise ValueError(
                 f"The tensors of the {where} do not fit its config.json (an incomplete weight file, or a config "
@@ -430,7 +432,9 @@ class RelformerPreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, module.compute_inv_freq()[0])
 
 
-def _loading_problems(model: nn.Module, info: dict, allow_missing: bool, allow_mismatched: bool) -> list[str]:
+def _loading_problems(
+    model: nn.Module, info: dict, allow_missing: bool, allow_mismatched: bool, allow_unused: bool
+) -> list[str]:
     """What `from_pretrained`'s loading info says is wrong with the checkpoint's tensors of the model body: other
     shapes, missing tensors, tensors the body has no place for (keys of another head are not the body's)."""
     prefix = model.base_model_prefix
@@ -459,8 +463,11 @@ def _loading_problems(model: nn.Module, info: dict, allow_missing: bool, allow_m
             "random)"
         )
     unexpected = [key for key in info.get("unexpected_keys") or () if in_body(key)]
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) the model has no place for ({listed(unexpected)})")
+    if unexpected and not allow_unused:
+        problems.append(
+            f"{len(unexpected)} tensor(s) the model has no place for ({listed(unexpected)}; allow_unused_weights=True "
+            "drops them)"
+        )
     return problems
 
 

@@ -102,6 +102,7 @@ def test_tensors_the_config_has_no_place_for_are_named(good, tmp_path):
     for auto in (AutoModelForCausalLM, AutoModel):
         with pytest.raises(ValueError, match=r"17 tensor\(s\) the model has no place for \(model\.layers\.1\."):
             auto.from_pretrained(folder)
+    assert len(AutoModelForCausalLM.from_pretrained(folder, allow_unused_weights=True).model.layers) == 1
 
 
 def test_missing_tensors_are_named_unless_allowed(good, tmp_path):
