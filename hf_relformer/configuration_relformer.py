@@ -111,7 +111,7 @@ class RelformerConfig(PreTrainedConfig):
     """
 
     model_type = "relformer"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the cache output (5.24 renamed it)
 
     vocab_size: int = 32000
     hidden_size: int = 512

@@ -6,6 +6,8 @@ This file is shipped with every saved checkpoint (remote code): it imports only 
 sibling files through single-dot relative imports.
 """
 
+import dataclasses
+import functools
 import os
 import pickle
 from collections.abc import Callable
@@ -45,6 +47,49 @@ from .positions_relformer import (
     SinusoidalPositions,
     relative_values_term,
 )
+
+# ---------------------------------------------------------------------------------------------------------------
+# The key/value cache's name. transformers 5.24 renamed it from `past_key_values` to `cache`: `generate()` passes
+# `cache=...` and reads `outputs.cache` (5.23: `past_key_values`). Every forward here takes `cache` and also accepts
+# `past_key_values`, silently, on every version (`takes_either_cache_name`); outputs carry the cache in the
+# installed version's field (`with_cache`, `cache_of`). This section is the only code that knows both names.
+# ---------------------------------------------------------------------------------------------------------------
+
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+LEGACY_CACHE_NAME = "past_key_values"
+
+
+def takes_either_cache_name(forward: Callable) -> Callable:
+    """Decorates a `forward(..., cache=None, ...)` so that callers may pass the cache as `past_key_values` too (its
+    name before transformers 5.24, still used by code written for it), without a deprecation warning."""
+
+    @functools.wraps(forward)
+    def forward_taking_either_name(self, *args, **kwargs):
+        if LEGACY_CACHE_NAME in kwargs:
+            legacy = kwargs.pop(LEGACY_CACHE_NAME)
+            given = kwargs.get("cache")
+            if legacy is not None and given is not None and given is not legacy:
+                raise ValueError(
+                    f"Two key/value caches were given, as `cache` and as `{LEGACY_CACHE_NAME}` (its name before "
+                    "transformers 5.24): pass one."
+                )
+            if legacy is not None:
+                kwargs["cache"] = legacy
+        return forward(self, *args, **kwargs)
+
+    return forward_taking_either_name
+
+
+def with_cache(cache: Cache | None) -> dict:
+    """The cache as a keyword argument under the installed transformers' name (`cache=` from 5.24 on,
+    `past_key_values=` before): for its output classes, which print a deprecation warning for the other name, and for
+    layers, whose activation-checkpointing wrapper drops the cache by that name."""
+    return {CACHE_NAME: cache}
+
+
+def cache_of(outputs: ModelOutput) -> Cache | None:
+    """The cache an output of the installed transformers carries (without the old name's deprecation warning)."""
+    return getattr(outputs, CACHE_NAME)
 
 
 class RelformerRMSNorm(nn.Module):
@@ -124,7 +169,9 @@ def eager_attention_forward(
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     if scores.dtype == torch.float16:  # fp16's min plus a negative score is -inf: a row of them would give NaN
         scores = scores.clamp(min=torch.finfo(torch.float16).min)
-    attn_weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # at least fp32 (fp64 stays fp64: its mask minimum would be -inf in fp32 and a padded row's NaN would spread)
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
+    attn_weights = nn.functional.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value)
     if relative_values is not None:
@@ -174,7 +221,7 @@ class RelformerAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_inputs: object = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         key_value_states: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -183,17 +230,17 @@ class RelformerAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         if self.is_cross_attention:
-            key, value = self._cross_key_value(key_value_states, past_key_values)
+            key, value = self._cross_key_value(key_value_states, cache)
             attn_output, attn_weights = self._attend(query, key, value, attention_mask, {}, kwargs)
         elif isinstance(position_inputs, BucketIndex):  # relative positions read only the query: cache first
-            key, value = self._update_cache(*self._project_key_value(hidden_states), past_key_values)
+            key, value = self._update_cache(*self._project_key_value(hidden_states), cache)
             attn_output, attn_weights = self._attend_in_blocks(
                 query, key, value, attention_mask, position_inputs, kwargs
             )
         else:
             key, value = self._project_key_value(hidden_states)
             query, key, position_kwargs = self.position(query, key, position_inputs)
-            key, value = self._update_cache(key, value, past_key_values)
+            key, value = self._update_cache(key, value, cache)
             attn_output, attn_weights = self._attend(query, key, value, attention_mask, position_kwargs, kwargs)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
@@ -257,30 +304,28 @@ class RelformerAttention(nn.Module):
                 weights.append(nn.functional.pad(block_weights, (0, key_length - key_stop)))
         return torch.cat(outputs, dim=1), (torch.cat(weights, dim=2) if len(weights) == len(outputs) else None)
 
-    def _update_cache(self, key, value, past_key_values: Cache | None):
+    def _update_cache(self, key, value, cache: Cache | None):
         """Append this step's keys/values `[B, H_kv, L, D]` to the self-attention cache; returns all of them."""
-        if past_key_values is None:
+        if cache is None:
             return key, value
-        if isinstance(past_key_values, EncoderDecoderCache):
-            past_key_values = past_key_values.self_attention_cache
-        return past_key_values.update(key, value, self.layer_idx)
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        return cache.update(key, value, self.layer_idx)
 
     def _project_key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[B, L, hidden]` -> keys and values `[B, H_kv, L, D]`."""
         shape = (*states.shape[:-1], -1, self.head_dim)
         return self.k_proj(states).view(shape).transpose(1, 2), self.v_proj(states).view(shape).transpose(1, 2)
 
-    def _cross_key_value(
-        self, encoder_states: torch.Tensor, past_key_values: Cache | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cross_key_value(self, encoder_states: torch.Tensor, cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys/values: projected from the encoder output once, then read from the cache."""
-        if not isinstance(past_key_values, EncoderDecoderCache):
+        if not isinstance(cache, EncoderDecoderCache):
             return self._project_key_value(encoder_states)
-        cross_cache = past_key_values.cross_attention_cache
-        if past_key_values.is_updated.get(self.layer_idx):
+        cross_cache = cache.cross_attention_cache
+        if cache.is_updated.get(self.layer_idx):
             return cross_cache.layers[self.layer_idx].keys, cross_cache.layers[self.layer_idx].values
         key, value = cross_cache.update(*self._project_key_value(encoder_states), self.layer_idx)
-        past_key_values.is_updated[self.layer_idx] = True
+        cache.is_updated[self.layer_idx] = True
         return key, value
 
 
@@ -302,6 +347,7 @@ class RelformerLayer(GradientCheckpointingLayer):
         self.mlp_norm = build_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
+    @takes_either_cache_name
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -309,20 +355,20 @@ class RelformerLayer(GradientCheckpointingLayer):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         position_inputs: object = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """hidden_states `[B, L, hidden]` -> `[B, L, hidden]`."""
 
         def self_attention(x: torch.Tensor) -> torch.Tensor:
-            return self.self_attn(x, attention_mask, position_inputs, past_key_values, **kwargs)[0]
+            return self.self_attn(x, attention_mask, position_inputs, cache, **kwargs)[0]
 
         def cross_attention(x: torch.Tensor) -> torch.Tensor:
             return self.cross_attn(
                 x,
                 encoder_attention_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 key_value_states=encoder_hidden_states,
                 **kwargs,
             )[0]
@@ -343,7 +389,7 @@ class RelformerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RelformerLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # either name (see CACHE_NAME)
     _supports_sdpa = True
     _supports_flash_attn = False  # flash attention cannot add the relative position bias
     _supports_flex_attn = False
@@ -521,6 +567,7 @@ class RelformerStack(RelformerPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @takes_either_cache_name
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -528,7 +575,7 @@ class RelformerStack(RelformerPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
@@ -546,16 +593,12 @@ class RelformerStack(RelformerPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
         inputs_embeds = self._add_token_types(inputs_embeds, token_type_ids)
         if not self.is_causal:
-            use_cache, past_key_values = False, None
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            use_cache, cache = False, None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
             if encoder_hidden_states is not None:
-                past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
-        self_attention_cache = (
-            past_key_values.self_attention_cache
-            if isinstance(past_key_values, EncoderDecoderCache)
-            else past_key_values
-        )
+                cache = EncoderDecoderCache(cache, DynamicCache(config=self.config))
+        self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
 
         query_length = inputs_embeds.shape[1]
         past_length, key_length = 0, query_length
@@ -593,15 +636,13 @@ class RelformerStack(RelformerPreTrainedModel):
                 encoder_hidden_states,  # positional, for activation checkpointing
                 encoder_attention_mask=encoder_attention_mask,
                 position_inputs=position_inputs,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **with_cache(cache),  # by the installed name: the checkpointing wrapper drops it by that name
                 **kwargs,
             )
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states, past_key_values=past_key_values
-        )
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, **with_cache(cache))
 
     def _add_token_types(self, inputs_embeds: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         """Adds the token-type embeddings (type 0 where no ids are given, as BERT does)."""
@@ -734,12 +775,13 @@ class RelformerModel(RelformerStack):
         else:
             self.embed_tokens = value
 
+    @takes_either_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
@@ -756,7 +798,7 @@ class RelformerModel(RelformerStack):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
                 token_type_ids=token_type_ids,
@@ -780,7 +822,7 @@ class RelformerModel(RelformerStack):
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=decoder_inputs_embeds,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=attention_mask,
@@ -789,7 +831,7 @@ class RelformerModel(RelformerStack):
         )
         return Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
-            past_key_values=decoder_outputs.past_key_values,
+            **with_cache(cache_of(decoder_outputs)),
             decoder_hidden_states=decoder_outputs.hidden_states,
             decoder_attentions=decoder_outputs.attentions,
             cross_attentions=decoder_outputs.cross_attentions,
@@ -811,13 +853,14 @@ class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @takes_either_cache_name
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -829,7 +872,7 @@ class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -842,7 +885,7 @@ class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **with_cache(cache_of(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -891,6 +934,7 @@ class RelformerForConditionalGeneration(RelformerPreTrainedModel, GenerationMixi
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
+    @takes_either_cache_name
     @can_return_tuple
     def forward(
         self,
@@ -899,7 +943,7 @@ class RelformerForConditionalGeneration(RelformerPreTrainedModel, GenerationMixi
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -917,7 +961,7 @@ class RelformerForConditionalGeneration(RelformerPreTrainedModel, GenerationMixi
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
             encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
@@ -931,7 +975,7 @@ class RelformerForConditionalGeneration(RelformerPreTrainedModel, GenerationMixi
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **with_cache(cache_of(outputs)),
             decoder_hidden_states=outputs.decoder_hidden_states,
             decoder_attentions=outputs.decoder_attentions,
             cross_attentions=outputs.cross_attentions,

@@ -32,9 +32,9 @@ def test_incremental_forward_matches_full_forward(scheme):
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, :4], past_key_values=cache).logits]  # a 4-token prefill, then a 3-token chunk
-        steps.append(model(ids[:, 4:7], past_key_values=cache).logits)
-        steps += [model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(7, 10)]
+        steps = [model(ids[:, :4], cache=cache).logits]  # a 4-token prefill, then a 3-token chunk
+        steps.append(model(ids[:, 4:7], cache=cache).logits)
+        steps += [model(ids[:, i : i + 1], cache=cache).logits for i in range(7, 10)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-5)
 
 

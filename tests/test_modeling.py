@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from hf_relformer import RelformerForCausalLM, RelformerForConditionalGeneration, RelformerModel
+from hf_relformer.modeling_relformer import cache_of
 
 from helpers import SCHEMES, redraw_weights, tiny_config, tiny_lm
 
@@ -64,8 +65,8 @@ def test_architecture_variants_build_and_decode_with_a_cache(variant, scheme):
     with torch.no_grad():
         full = model(IDS).logits
         cache = DynamicCache(config=model.config)
-        prefix = model(IDS[:, :5], past_key_values=cache).logits
-        rest = model(IDS[:, 5:], past_key_values=cache).logits
+        prefix = model(IDS[:, :5], cache=cache).logits
+        rest = model(IDS[:, 5:], cache=cache).logits
     torch.testing.assert_close(torch.cat([prefix, rest], 1), full, atol=1e-4, rtol=1e-5)
     if VARIANTS[variant].get("tie_word_embeddings") is False:
         assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
@@ -82,7 +83,7 @@ def test_encoder_form_is_bidirectional(scheme):
         first = encoder(IDS).last_hidden_state
         second = encoder(changed).last_hidden_state
     assert (first[:, 0] - second[:, 0]).abs().max() > 1e-3  # the last token reaches the first one
-    assert encoder(IDS, use_cache=True).past_key_values is None  # an encoder keeps no cache
+    assert cache_of(encoder(IDS, use_cache=True)) is None  # an encoder keeps no cache
 
 
 def test_heads_refuse_a_form_they_cannot_serve():

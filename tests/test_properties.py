@@ -33,6 +33,7 @@ from hf_relformer import (
     RelformerModel,
     modeling_relformer,
 )
+from hf_relformer.modeling_relformer import cache_of
 from hf_relformer.positions_relformer import BucketIndex
 
 from helpers import SCHEMES, assert_attention_matches_naive, redraw_weights, tiny_config
@@ -289,7 +290,7 @@ def test_cached_decoding_equals_full_forward(
             out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
             steps = [out.logits]
             for t in range(prefill, length):
-                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache_of(out))
                 steps.append(out.logits)
     real = mask.bool()
     assert_logits_close(torch.cat(steps, dim=1)[real], full[real])
@@ -313,7 +314,7 @@ def test_seq2seq_cached_decoding_equals_full_forward(scheme: str, data: st.DataO
         encoder_outputs = (out.encoder_last_hidden_state,)
         for t in range(prefill, target.shape[1]):
             step = {"encoder_outputs": encoder_outputs, "attention_mask": source_mask}
-            out = model(**step, decoder_input_ids=target[:, t : t + 1], past_key_values=out.past_key_values)
+            out = model(**step, decoder_input_ids=target[:, t : t + 1], cache=cache_of(out))
             steps.append(out.logits)
     assert_logits_close(torch.cat(steps, dim=1), full)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hf_relformer import RelformerModel, modeling_relformer
+from hf_relformer.modeling_relformer import cache_of
 from hf_relformer.positions_relformer import BucketIndex
 
 from helpers import assert_attention_matches_naive, naive_shaw_attention, redraw_weights, tiny_config, tiny_lm
@@ -101,9 +102,9 @@ def test_long_input_blocks_give_the_same_model_outputs_and_generation(scheme, mo
     with torch.no_grad():
         torch.testing.assert_close(model(ids, attention_mask=mask).logits[mask.bool()], whole[mask.bool()])
         prefill = model(ids[:, :9], attention_mask=mask[:, :9], use_cache=True)
-        step = model(ids[:, 9:], attention_mask=mask, past_key_values=prefill.past_key_values)
+        step = model(ids[:, 9:], attention_mask=mask, cache=cache_of(prefill))
         torch.testing.assert_close(step.logits[mask[:, 9:].bool()], whole[:, 9:][mask[:, 9:].bool()])
         assert model.generate(ids[:1], max_new_tokens=8, do_sample=False).tolist() == whole_generated.tolist()
         prefill = model(ids[:1, :5], use_cache=True)  # no mask at all: the blocks build their causal mask
-        step = model(ids[:1, 5:], past_key_values=prefill.past_key_values)
+        step = model(ids[:1, 5:], cache=cache_of(prefill))
         torch.testing.assert_close(step.logits, model(ids[:1]).logits[:, 5:], atol=1e-4, rtol=1e-4)
