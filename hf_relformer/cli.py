@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .checks import DecodingCheckError
 from .demo import SCHEMES, TASKS, DemoSettings, output_problem, run_demo
 
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(
         "relformer demo",
         lambda: run_demo(settings, args.output, progress=not args.no_progress),
-        (OSError,),  # the output cannot be written (disk full, permissions)
+        (OSError, DecodingCheckError),  # the output cannot be written (disk full, permissions); a broken model
         f"{args.output} is unchanged.",
     )
 

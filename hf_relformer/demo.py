@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
 
+from .checks import check_cached_decoding
 from .configuration_relformer import RelformerConfig
 from .modeling_relformer import RelformerForCausalLM
 from .saving import ExtraFiles, Subfolder, save_pretrained_atomically
@@ -97,6 +98,12 @@ def evaluate(model: RelformerForCausalLM, task: str, size: int, count: int, seed
     return {"exact": exact / count, "symbol": symbols / total}
 
 
+def sanity_prompts(task: str, train_length: int, seed: int) -> torch.Tensor:
+    """`[4, L]` prompts of the training size, for the decoding check every trained model goes through."""
+    rng = random.Random(seed)
+    return torch.tensor([[BOS, *encode(make_problem(task, train_length, rng)[0])] for _ in range(4)])
+
+
 @dataclass
 class DemoSettings:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
@@ -158,6 +165,7 @@ def run_experiment(settings: DemoSettings, progress: bool = True) -> tuple[list[
     for task, scheme, seed in tqdm(runs, desc="training", disable=not progress):
         start = time.perf_counter()
         model = train_one(settings, task, scheme, seed)
+        check_cached_decoding(model, sanity_prompts(task, settings.train_length, seed))
         scores = {
             m: evaluate(model, task, settings.size(task, m), settings.eval_count, seed=10_000 + seed)
             for m in settings.multipliers

@@ -69,3 +69,18 @@ def test_bad_flags_are_usage_errors(argv, message):
     result = subprocess.run([sys.executable, "-m", "hf_relformer.cli", *argv], capture_output=True, text=True)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_broken_decoding_path_stops_the_demo_loudly(tmp_path, monkeypatch, capsys):
+    """A model whose cache is ignored (what transformers 5.24's renamed argument did) must not give a table of zeros
+    and exit 0: the check after training stops the run with exit code 1, naming the cause, and writes nothing."""
+    from hf_relformer.modeling_relformer import RelformerAttention
+
+    argv = ["demo", "--quick", "--schemes", "relative", "--steps", "20", "--output", str(tmp_path / "demo"),
+            "--no-progress"]  # fmt: skip
+    monkeypatch.setattr(RelformerAttention, "_update_cache", lambda self, key, value, cache: (key, value))
+    assert main(argv) == 1
+    assert "cached generate() disagrees with an uncached forward" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+    monkeypatch.undo()
+    assert main(argv) == 0
