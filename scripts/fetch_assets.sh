@@ -17,6 +17,10 @@
 #                           in it to compare with BERT's position_embedding_type="relative_key"/"relative_key_query",
 #                           which transformers 5 removed. pip puts in it the huggingface-hub<1.0 and tokenizers that
 #                           4.57 needs, shadowing the main interpreter's newer ones.
+#   assets/oldest-transformers-venv/
+#                           the oldest transformers that pyproject.toml allows (its lower bound), on top of the main
+#                           interpreter's packages (torch, this package, the test extras); `.ci/run` runs the test suite
+#                           in it too, so CI covers both ends of the supported range.
 # Safe to re-run: an existing complete folder is kept; a new one is built in a temporary folder, then renamed (the
 # venv, which cannot be renamed, is built in place and marked complete last: see below).
 set -euo pipefail
@@ -47,8 +51,10 @@ make_venv() {
   python -m venv "$venv"
   if [[ "${3:-}" == outer ]]; then
     # Through a .pth file: works whether this interpreter is itself a venv or not (--system-site-packages would only
-    # reach the base Python). pip may then print a dependency-conflict ERROR about hf-relformer: harmless.
-    python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"]); print(sysconfig.get_paths()["platlib"])' \
+    # reach the base Python). site.addsitedir also reads the .pth files there (this package's editable install).
+    # pip may then print a dependency-conflict ERROR about hf-relformer: harmless.
+    python -c 'import sysconfig; paths = sysconfig.get_paths()
+for key in ("purelib", "platlib"): print(f"import site; site.addsitedir({paths[key]!r})")' \
       > "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/outer-site-packages.pth"
   fi
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$pin"
@@ -59,6 +65,11 @@ make_venv transformers4-venv "transformers==4.57.6" outer
 "$assets/transformers4-venv/bin/python" -c "import torch, transformers
 assert transformers.__version__ == '4.57.6', transformers.__version__"
 make_venv olah-venv "olah==0.5.4"
+oldest="$(sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' "$root/pyproject.toml")"  # the range's lower bound
+[[ -n "$oldest" ]] || { echo "error: no transformers>=X,... requirement in pyproject.toml" >&2; exit 1; }
+make_venv oldest-transformers-venv "transformers==$oldest.*" outer
+"$assets/oldest-transformers-venv/bin/python" -c "import hf_relformer, transformers
+assert transformers.__version__.startswith('$oldest.'), transformers.__version__"
 if [[ -s "$dest/vocab.json" && -s "$dest/merges.txt" ]]; then
   echo "GPT-2 tokenizer already in $dest"
   exit 0
