@@ -33,7 +33,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -47,6 +47,8 @@ from .positions_relformer import (
     SinusoidalPositions,
     relative_values_term,
 )
+
+logger = logging.get_logger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The key/value cache's name. transformers 5.24 renamed it from `past_key_values` to `cache`: `generate()` passes
@@ -442,6 +444,12 @@ class RelformerPreTrainedModel(PreTrainedModel):
                 f"a source you trust. torch said: {_pickle_refusal(error)}"
             ) from error
         problems = _loading_problems(model, info, allow_missing, allow_mismatched, allow_unused)
+        if allow_mismatched and info.get("mismatched_keys"):
+            shown = [f"{name} {tuple(stored)} -> {tuple(needed)}" for name, stored, needed in info["mismatched_keys"]]
+            logger.warning(
+                f"Re-initialised {len(shown)} tensor(s) of the {where} whose shape differs from this config "
+                f"(ignore_mismatched_sizes=True): {', '.join(sorted(shown))}. Train them before use."
+            )
         if problems:
             raise ValueError(
                 f"The tensors of the {where} do not fit its config.json (an incomplete weight file, or a config "
@@ -452,9 +460,18 @@ class RelformerPreTrainedModel(PreTrainedModel):
     def _check_and_adjust_attn_implementation(
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
     ) -> str:
-        """Relative values need the attention probabilities: such configs run eager attention and refuse others."""
+        """Relformer runs eager and SDPA attention; relative values need the attention probabilities, so such configs
+        run eager attention and refuse others. Any other backend is refused with the ones this config can use."""
         config = self.config
-        if config.position_embedding_type == "relative" and config.relative_attention_values:
+        values = config.position_embedding_type == "relative" and config.relative_attention_values
+        supported = ("eager",) if values else ("eager", "sdpa")
+        if isinstance(attn_implementation, str) and attn_implementation not in supported and not values:
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} is not supported by Relformer (yet); this config "
+                f"(position_embedding_type={config.position_embedding_type!r}) runs "
+                f"{' or '.join(map(repr, supported))}."
+            )
+        if values:
             if attn_implementation not in (None, "eager"):
                 raise ValueError(
                     f"attn_implementation={attn_implementation!r} cannot compute the relative values term "
@@ -495,7 +512,9 @@ def _loading_problems(
         return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
     problems = []
-    mismatched = sorted(entry for entry in info.get("mismatched_keys") or () if in_body(entry[0]))
+    mismatched = sorted(
+        info.get("mismatched_keys") or ()
+    )  # body or head: a trained classifier is not re-drawn silently
     if mismatched and not allow_mismatched:
         shown = [f"{name} is {tuple(stored)} in the file, {tuple(needed)} here" for name, stored, needed in mismatched]
         problems.append(
@@ -770,12 +789,21 @@ class RelformerModel(RelformerStack):
         return (self.encoder if self.config.is_encoder_decoder else self).embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
-        if self.config.is_encoder_decoder:
+        """Sets the token embeddings. An encoder-decoder with `tie_word_embeddings=False` keeps the decoder's own table,
+        resized to the new vocabulary (as `resize_token_embeddings` expects); tied, both stacks share `value`."""
+        if not self.config.is_encoder_decoder:
+            self.embed_tokens = value
+        elif self.config.tie_word_embeddings:
             self.encoder.embed_tokens = self.decoder.embed_tokens = value
         else:
-            self.embed_tokens = value
+            self.encoder.embed_tokens = value
+            if self.decoder.embed_tokens.num_embeddings != value.num_embeddings:
+                self.decoder.embed_tokens = self._get_resized_embeddings(
+                    self.decoder.embed_tokens, value.num_embeddings, mean_resizing=False
+                )
 
     @takes_either_cache_name
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -795,6 +823,7 @@ class RelformerModel(RelformerStack):
             if decoder_input_ids is not None or decoder_inputs_embeds is not None or encoder_outputs is not None:
                 raise ValueError("decoder_* inputs and encoder_outputs need an encoder-decoder config.")
             return super().forward(
+                return_dict=True,  # a dict inside; can_return_tuple applies the caller's choice
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
@@ -811,6 +840,7 @@ class RelformerModel(RelformerStack):
             )
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
+                return_dict=True,  # a dict inside; can_return_tuple applies the caller's choice
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 inputs_embeds=inputs_embeds,
@@ -820,6 +850,7 @@ class RelformerModel(RelformerStack):
         elif not isinstance(encoder_outputs, ModelOutput):  # a tuple (last_hidden_state, hidden_states, attentions)
             encoder_outputs = BaseModelOutput(*encoder_outputs)
         decoder_outputs = self.decoder(
+            return_dict=True,  # a dict inside; can_return_tuple applies the caller's choice
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
             cache=cache,
@@ -869,6 +900,7 @@ class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Logits `[B, L, vocab]`; with `labels` `[B, L]` (-100 ignored) also the next-token loss (shifted inside)."""
         outputs = self.model(
+            return_dict=True,  # a dict inside; can_return_tuple applies the caller's choice
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -956,6 +988,7 @@ class RelformerForConditionalGeneration(RelformerPreTrainedModel, GenerationMixi
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         outputs = self.model(
+            return_dict=True,  # a dict inside; can_return_tuple applies the caller's choice
             input_ids=input_ids,
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
@@ -1015,6 +1048,9 @@ class RelformerForMaskedLM(RelformerPreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head.decoder
 
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
+
     @can_return_tuple
     def forward(
         self,
@@ -1028,6 +1064,7 @@ class RelformerForMaskedLM(RelformerPreTrainedModel):
     ) -> MaskedLMOutput:
         """Logits `[B, L, vocab]`; `labels` `[B, L]` (-100 = not masked) give the masked-token loss."""
         outputs = self.model(
+            return_dict=True,  # a dict inside; can_return_tuple applies the caller's choice
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -1077,6 +1114,7 @@ class RelformerForSequenceClassification(RelformerPreTrainedModel):
         """Logits `[B, num_labels]`; `labels` `[B]` (or `[B, num_labels]` for regression / multi-label)."""
         kwargs.pop("use_cache", None)
         outputs = self.model(
+            return_dict=True,  # a dict inside; can_return_tuple applies the caller's choice
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -1139,6 +1177,7 @@ class RelformerForTokenClassification(RelformerPreTrainedModel):
     ) -> TokenClassifierOutput:
         """Logits `[B, L, num_labels]`; `labels` `[B, L]` (-100 ignored)."""
         outputs = self.model(
+            return_dict=True,  # a dict inside; can_return_tuple applies the caller's choice
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,

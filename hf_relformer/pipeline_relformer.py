@@ -15,10 +15,21 @@ TASK = "relformer-text2text"
 
 
 class RelformerText2TextPipeline(Pipeline):
-    """`pipe("text" or ["text", ...], **generate_kwargs)` -> `[{"generated_text": str}]` per input (one dict per
-    returned sequence, as the transformers 4 text2text pipeline did)."""
+    """`pipe("text", **generate_kwargs)` -> `[{"generated_text": str}]` (one dict per returned sequence);
+    `pipe(["text", ...])` -> one such list per input, flattened to one dict per input when each input has one
+    sequence: the transformers 4 text2text pipeline's outputs."""
 
     _pipeline_calls_generate = True
+
+    def __call__(self, inputs: str | list[str], **kwargs: Any) -> list:
+        result = super().__call__(inputs, **kwargs)
+        if (
+            isinstance(inputs, list)
+            and all(isinstance(text, str) for text in inputs)
+            and all(len(sequences) == 1 for sequences in result)
+        ):
+            return [sequences[0] for sequences in result]
+        return result
 
     def _sanitize_parameters(self, truncation: bool | None = None, max_length: int | None = None, **generate_kwargs):
         preprocess_params = {}

@@ -79,3 +79,16 @@ def test_quickstart_script_runs(gpt2_tokenizer_path, tmp_path):
     assert "identical logits: True" in result.stdout
     assert (tmp_path / "quickstart" / "model.safetensors").is_file()
     assert (tmp_path / "quickstart" / "tokenizer.json").is_file()
+
+
+def test_readme_use_snippet_builds_a_model_that_stops_at_eos(tmp_path, monkeypatch):
+    """README's "Use" snippet runs as written and its model knows its special tokens, so generate() stops at eos (it
+    had none: generation of a trained model never stopped before max_length)."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    snippet = readme.split("## Use", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet, "README.md (Use)", "exec"), namespace)
+    model = namespace["model"]
+    assert model.generation_config.eos_token_id == model.config.eos_token_id == 50256
+    assert model.generation_config.pad_token_id == 50256

@@ -40,9 +40,11 @@ def test_pipeline_by_task_name_and_path(seq2seq_folder):
     translator = pipeline("relformer-text2text", model=str(path))
     assert isinstance(translator, RelformerText2TextPipeline)
     assert [translator(text, **GENERATE)[0]["generated_text"] for text in TEXTS] == expected
-    batched = translator(TEXTS, batch_size=2, **GENERATE)
-    assert [out[0]["generated_text"] for out in batched] == expected
+    batched = translator(TEXTS, batch_size=2, **GENERATE)  # one dict per input, as transformers 4's text2text gave
+    assert [out["generated_text"] for out in batched] == expected
     assert len(translator(TEXTS[0], num_beams=3, num_return_sequences=2, **GENERATE)) == 2
+    several = translator(TEXTS, num_beams=3, num_return_sequences=2, **GENERATE)  # a list per input
+    assert [len(out) for out in several] == [2, 2] and all("generated_text" in d for out in several for d in out)
 
 
 def test_pipeline_rejects_non_text(seq2seq_folder):

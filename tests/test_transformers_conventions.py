@@ -1,0 +1,151 @@
+"""What a transformers user expects of any model, as transformers' own common model tests check it: resizing the
+vocabulary, mismatched head shapes on loading, `return_dict=False`, and clear errors for unsupported backends."""
+
+import pytest
+import torch
+from transformers.testing_utils import CaptureLogger
+
+from hf_relformer import (
+    RelformerForCausalLM,
+    RelformerForConditionalGeneration,
+    RelformerForMaskedLM,
+    RelformerForSequenceClassification,
+    RelformerForTokenClassification,
+    RelformerModel,
+    modeling_relformer,
+)
+
+from helpers import SCHEMES, redraw_weights, tiny_config
+
+IDS = torch.tensor([[5, 17, 33, 8, 41, 12], [9, 23, 4, 50, 7, 3]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+
+FORMS = {
+    "decoder-only": {},
+    "encoder": {"is_decoder": False},
+    "encoder-decoder": {"is_encoder_decoder": True, "decoder_start_token_id": 1, "decoder_layers": 3},
+}
+HEADS = [
+    (RelformerModel, "decoder-only"),
+    (RelformerModel, "encoder"),
+    (RelformerModel, "encoder-decoder"),
+    (RelformerForCausalLM, "decoder-only"),
+    (RelformerForConditionalGeneration, "encoder-decoder"),
+    (RelformerForMaskedLM, "encoder"),
+    (RelformerForSequenceClassification, "encoder"),
+    (RelformerForSequenceClassification, "decoder-only"),
+    (RelformerForTokenClassification, "encoder"),
+]
+
+
+def build(head, form, **overrides):
+    torch.manual_seed(0)
+    return redraw_weights(head(tiny_config(**FORMS[form], **overrides)))
+
+
+def inputs_for(form):
+    extra = {"decoder_input_ids": IDS[:, :4]} if form == "encoder-decoder" else {}
+    return {"input_ids": IDS, "attention_mask": MASK, **extra}
+
+
+# 1. resize_token_embeddings ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize(("head", "form"), [(RelformerForMaskedLM, "encoder"), (RelformerForCausalLM, "decoder-only"),
+                                            (RelformerForConditionalGeneration, "encoder-decoder")])  # fmt: skip
+def test_resize_token_embeddings_keeps_the_old_logits_and_the_tie(head, form, tied, tmp_path):
+    model = build(head, form, tie_word_embeddings=tied)
+    inputs = inputs_for(form)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    model.resize_token_embeddings(70, pad_to_multiple_of=16)  # 70 -> 80
+    assert model.config.vocab_size == 80
+    assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == 80
+    same = model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    assert same == tied
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert after.shape[-1] == 80
+    torch.testing.assert_close(after[..., :64], before)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, after)
+
+
+def test_shrinking_the_vocabulary_of_a_masked_lm():
+    model = build(RelformerForMaskedLM, "encoder")
+    model.resize_token_embeddings(60)
+    assert model.lm_head.decoder.weight.shape == (60, 32) and model.lm_head.decoder.bias.shape == (60,)
+    assert model(torch.tensor([[5, 59]])).logits.shape == (1, 2, 60)
+
+
+# 2. mismatched shapes on loading ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("head", "form"), [(RelformerForSequenceClassification, "encoder"),
+                                            (RelformerForSequenceClassification, "decoder-only"),
+                                            (RelformerForTokenClassification, "encoder")])  # fmt: skip
+def test_a_head_of_another_shape_is_refused_unless_ignore_mismatched_sizes(head, form, tmp_path):
+    trained = build(head, form, num_labels=3)
+    trained.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"classifier.weight is \(3, 32\) in the file, \(42, 32\) here"):
+        head.from_pretrained(tmp_path, num_labels=42)
+    with CaptureLogger(modeling_relformer.logger) as captured:
+        reloaded = head.from_pretrained(tmp_path, num_labels=42, ignore_mismatched_sizes=True)
+    assert reloaded.classifier.weight.shape == (42, 32)
+    report = captured.out
+    assert "Re-initialised 2 tensor(s)" in report and "classifier.weight (3, 32) -> (42, 32)" in report
+    same = head.from_pretrained(tmp_path)  # the right shape loads silently and exactly
+    torch.testing.assert_close(same.classifier.weight, trained.classifier.weight)
+
+
+# 3. return_dict=False -----------------------------------------------------------------------------------------------
+
+
+def flat(values):
+    """Tensors of a (nested) output tuple, in order; caches by their length."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, tuple):
+            yield from flat(value)
+        else:
+            yield torch.tensor(value.get_seq_length())
+
+
+@pytest.mark.parametrize("via", ["argument", "config"])
+@pytest.mark.parametrize(("head", "form"), HEADS)
+def test_return_dict_false_gives_the_dict_outputs_to_tuple(head, form, via):
+    model = build(head, form)
+    inputs = {**inputs_for(form), "output_hidden_states": True, "output_attentions": True}
+    if "labels" in head.forward.__code__.co_varnames and head is not RelformerModel:
+        labels = IDS[:, :4] if form == "encoder-decoder" else IDS
+        if head is RelformerForSequenceClassification:
+            labels = torch.tensor([0, 1])
+        inputs["labels"] = labels
+    with torch.no_grad():
+        expected = model(**inputs).to_tuple()
+        if via == "argument":
+            got = model(**inputs, return_dict=False)
+        else:
+            model.config.return_dict = False
+            got = model(**inputs)
+    assert isinstance(got, tuple) and len(got) == len(expected)
+    for a, b in zip(flat(got), flat(expected), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# 8. unsupported attention backends ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["flex_attention", "flash_attention_2"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_unsupported_backends_name_the_supported_ones(scheme, backend):
+    supported = "'eager'" if "values" in scheme else "'eager' or 'sdpa'"
+    with pytest.raises(ValueError, match=f"{backend}.*{supported}|{backend}.*use 'eager'"):
+        RelformerForCausalLM(tiny_config(**SCHEMES[scheme], attn_implementation=backend))
+    model = RelformerForCausalLM(tiny_config(**SCHEMES[scheme]))
+    with pytest.raises(ValueError, match=backend):
+        model.set_attn_implementation(backend)
