@@ -118,6 +118,7 @@ def convert(path: Path, options: Options) -> Conversion:
         tie_word_embeddings=True,
         is_decoder=causal or encoder_decoder,
         is_encoder_decoder=encoder_decoder,
+        type_vocab_size=0,  # nn.Transformer has no segments
     )
     if encoder_decoder:
         config_kwargs["decoder_layers"] = hparams["num_decoder_layers"]

@@ -105,7 +105,8 @@ class RelformerConfig(PreTrainedConfig):
     `attention_dropout`, `layer_norm_eps`, and grouped-query attention through `num_key_value_heads`.
     `final_layer_norm` puts a norm after the last layer (default: pre-norm stacks only; `torch.nn.Transformer` has
     one after post-norm layers too), `head_dim` sets the head size when it is not `hidden_size /
-    num_attention_heads` (default), and `type_vocab_size > 0` adds token-type (segment) embeddings as in BERT.
+    num_attention_heads` (default), and `type_vocab_size > 0` adds token-type (segment) embeddings as in BERT
+    (default: 2 in an encoder, so sentence pairs work; 0 in the other forms).
     `relative_attention_key_query=True` adds the key-side term `k_j·a_ij` to the keys term, the
     `relative_key_query` variant of Huang et al. (2020) that transformers 4 offered for BERT (encoders only).
     """
@@ -139,7 +140,7 @@ class RelformerConfig(PreTrainedConfig):
     mlp_bias: bool = True
     scale_embedding: bool = False
     embedding_layer_norm: bool = False
-    type_vocab_size: int = 0
+    type_vocab_size: int | None = None  # None: 2 for an encoder (BERT's segments), 0 otherwise
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     initializer_range: float = 0.02
@@ -164,6 +165,8 @@ class RelformerConfig(PreTrainedConfig):
                     f"({self.num_attention_heads}), or head_dim must be given."
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.type_vocab_size is None:
+            self.type_vocab_size = 2 if self.is_decoder is False and self.is_encoder_decoder is False else 0
         if self.is_encoder_decoder is True:
             self.encoder_layers = self.num_hidden_layers if self.encoder_layers is None else self.encoder_layers
             self.decoder_layers = self.num_hidden_layers if self.decoder_layers is None else self.decoder_layers
@@ -171,6 +174,14 @@ class RelformerConfig(PreTrainedConfig):
         _warn_about_unknown_fields(kwargs)
         super().__post_init__(**kwargs)
         self.validate()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "RelformerConfig":
+        """A saved config.json without `type_vocab_size` predates the field: it keeps 0 (no token types), so it loads
+        into the same model as before, whereas a new encoder config defaults to BERT's 2."""
+        if "type_vocab_size" not in config_dict and "type_vocab_size" not in kwargs:
+            config_dict = {**config_dict, "type_vocab_size": 0}
+        return super().from_dict(config_dict, **kwargs)
 
     def validate(self) -> None:
         """Raise `ValueError` naming the field for any value the model cannot be built with (types, ranges and

@@ -415,7 +415,8 @@ class RelformerPreTrainedModel(PreTrainedModel):
         tensors the config has no place for). `ignore_mismatched_sizes=True` re-initialises misshapen tensors,
         `allow_missing_weights=True` missing ones (e.g. after changing `position_embedding_type`), and
         `allow_unused_weights=True` drops surplus ones (e.g. after turning `relative_attention_values` off); a head's
-        own new layers (a classifier on a language model's checkpoint) are always allowed."""
+        own new layers (a classifier on a language model's checkpoint) are always allowed. With
+        `output_loading_info=True` only misshapen tensors raise: the rest is in the returned info (and a warning)."""
         allow_missing = kwargs.pop("allow_missing_weights", False)
         allow_unused = kwargs.pop("allow_unused_weights", False)
         allow_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
@@ -443,7 +444,14 @@ class RelformerPreTrainedModel(PreTrainedModel):
                 "would run code, so it was refused (torch.load with weights_only=True). Use a .safetensors copy from "
                 f"a source you trust. torch said: {_pickle_refusal(error)}"
             ) from error
-        problems = _loading_problems(model, info, allow_missing, allow_mismatched, allow_unused)
+        # with output_loading_info the caller reads the report: only a shape mismatch still raises (as in transformers)
+        problems = _loading_problems(
+            model, info, allow_missing or wants_info, allow_mismatched, allow_unused or wants_info
+        )
+        if wants_info:
+            unfit = _loading_problems(model, info, allow_missing, True, allow_unused)
+            if unfit:
+                logger.warning(f"The tensors of the {where} do not all fit the model: {'; '.join(unfit)}.")
         if allow_mismatched and info.get("mismatched_keys"):
             shown = [f"{name} {tuple(stored)} -> {tuple(needed)}" for name, stored, needed in info["mismatched_keys"]]
             logger.warning(

@@ -216,3 +216,28 @@ def test_fields_missing_from_an_older_config_take_the_old_behaviour(tmp_path):
     ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_an_older_encoder_config_without_type_vocab_size_keeps_no_token_types(tmp_path):
+    """New encoder configs default to BERT's two segments; an encoder saved before that (no `type_vocab_size` in its
+    config.json, no token-type tensor) still loads into the same model, with the same logits."""
+    import json
+
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from hf_relformer import RelformerForMaskedLM
+
+    from helpers import redraw_weights, tiny_config
+
+    assert tiny_config(is_decoder=False).type_vocab_size == 2
+    assert tiny_config().type_vocab_size == 0 and tiny_config(is_encoder_decoder=True).type_vocab_size == 0
+    old = redraw_weights(RelformerForMaskedLM(tiny_config(is_decoder=False, type_vocab_size=0)))
+    old.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "type_vocab_size"}))
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert loaded.config.type_vocab_size == 0 and set(loaded.state_dict()) == set(old.state_dict())
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, old(ids).logits, rtol=0, atol=0)

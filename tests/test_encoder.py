@@ -181,6 +181,27 @@ def test_pipelines_by_path(encoder_folders):
         torch.testing.assert_close(features, base(**inputs).last_hidden_state)
 
 
+def test_sentence_pairs_through_the_text_classification_pipeline(encoder_folders):
+    """BERT-style tokenizers mark the second segment with token_type_ids of 1: encoders have BERT's two segments by
+    default, and the pair's logits depend on where the second segment starts."""
+    folders, tokenizer = encoder_folders
+    first, second = "the film is long", "but never dull"
+    pair = tokenizer(first, second, return_tensors="pt")
+    assert pair.token_type_ids.max() == 1
+    classify = pipeline("text-classification", model=str(folders["cls"]))
+    got = classify({"text": first, "text_pair": second}, top_k=None)
+    cls = RelformerForSequenceClassification.from_pretrained(folders["cls"])
+    assert cls.config.type_vocab_size == 2
+    with torch.no_grad():
+        probs = cls(**pair).logits.softmax(-1)[0]
+        one_segment = cls(**{**pair, "token_type_ids": torch.zeros_like(pair.token_type_ids)}).logits.softmax(-1)[0]
+    assert {r["label"]: round(r["score"], 5) for r in got} == {
+        "negative": round(probs[0].item(), 5),
+        "positive": round(probs[1].item(), 5),
+    }
+    assert not torch.allclose(probs, one_segment)
+
+
 REMOTE_PIPELINES = """
 import json, sys
 sys.modules["hf_relformer"] = None  # as on a machine where the package is not installed

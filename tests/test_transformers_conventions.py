@@ -149,3 +149,43 @@ def test_unsupported_backends_name_the_supported_ones(scheme, backend):
     model = RelformerForCausalLM(tiny_config(**SCHEMES[scheme]))
     with pytest.raises(ValueError, match=backend):
         model.set_attn_implementation(backend)
+
+
+# 5. missing tensors and output_loading_info --------------------------------------------------------------------------
+
+
+def test_missing_body_tensors_raise_unless_the_report_is_asked_for(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = build(RelformerForCausalLM, "decoder-only")
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    missing = "model.layers.1.mlp.up_proj.weight"
+    del tensors[missing]
+    tensors["model.layers.9.extra.weight"] = torch.zeros(2)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) missing \(model.layers.1.mlp.up_proj.weight"):
+        RelformerForCausalLM.from_pretrained(tmp_path)
+    with CaptureLogger(modeling_relformer.logger) as captured:
+        loaded, info = RelformerForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["missing_keys"]) == {missing} and set(info["unexpected_keys"]) == {"model.layers.9.extra.weight"}
+    assert not info["mismatched_keys"] and not info["error_msgs"]
+    assert missing in captured.out and "model.layers.9.extra.weight" in captured.out
+    torch.testing.assert_close(loaded.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    RelformerForCausalLM.from_pretrained(tmp_path, allow_missing_weights=True, allow_unused_weights=True)
+
+
+@pytest.mark.parametrize(("head", "form"), [h for h in HEADS if h[0] is not RelformerModel])
+def test_a_bare_checkpoint_loads_into_every_head_and_back(head, form, tmp_path):
+    bare = build(RelformerModel, form)
+    bare.save_pretrained(tmp_path / "bare")
+    model, info = head.from_pretrained(tmp_path / "bare", output_loading_info=True)
+    assert all(not key.startswith("model.") for key in info["missing_keys"]), info  # only the head's own layers
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    for name, tensor in bare.state_dict().items():
+        torch.testing.assert_close(model.model.state_dict()[name], tensor, msg=name)
+    model.save_pretrained(tmp_path / "head")
+    back = RelformerModel.from_pretrained(tmp_path / "head").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs_for(form)).last_hidden_state,
+                                   bare.eval()(**inputs_for(form)).last_hidden_state)  # fmt: skip
