@@ -5,6 +5,7 @@ This file is shipped with every saved checkpoint (remote code): it imports only 
 
 from transformers import GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -13,8 +14,8 @@ POSITION_EMBEDDING_TYPES = ("relative", "sinusoidal", "learned", "rotary", "none
 LAYER_NORM_POSITIONS = ("pre", "post")
 NORM_TYPES = ("layer_norm", "rms_norm")
 FEED_FORWARD_TYPES = ("plain", "gated")
-# Rotary variants whose frequencies are fixed at construction (dynamic and longrope rescale at run time).
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Every rotary variant of the installed transformers (dynamic and longrope update their frequencies at run time).
+ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
 
 # Fields checked by `RelformerConfig.validate` by kind (the others have their own checks there).
 POSITIVE_INT_FIELDS = (

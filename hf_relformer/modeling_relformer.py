@@ -500,7 +500,9 @@ class RelformerPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SinusoidalPositions):
             init.copy_(module.inv_freq, module.compute_inv_freq())
         elif isinstance(module, RotaryPositions):
-            init.copy_(module.inv_freq, module.compute_inv_freq()[0])
+            inv_freq = module.compute_inv_freq()[0]
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
 
 
 def _loading_problems(

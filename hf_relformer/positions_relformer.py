@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 
 class NoStackPositions(nn.Module):
@@ -52,7 +52,7 @@ def float32_inv_freq(module: nn.Module, device: torch.device) -> torch.Tensor:
     if module.inv_freq.dtype != torch.float32:
         fresh = module.compute_inv_freq()
         module.inv_freq = (fresh[0] if isinstance(fresh, tuple) else fresh).to(module.inv_freq.device)
-    return module.inv_freq.to(device)
+    return module.inv_freq if device is None else module.inv_freq.to(device)
 
 
 class SinusoidalPositions(nn.Module):
@@ -97,16 +97,24 @@ class LearnedPositions(nn.Module):
 
 
 class RotaryPositions(nn.Module):
-    """Computes the rotary cos/sin `[B or 1, L, head_dim]` once per forward, from `position_ids`."""
+    """Computes the rotary cos/sin `[B or 1, L, head_dim]` once per forward, from `position_ids`.
+
+    Every rope type in transformers' registry (`rope_parameters["rope_type"]`), with the same run-time updates as
+    Llama's rotary module: "dynamic" (NTK) recomputes its frequencies when positions grow past
+    `max_position_embeddings` (and returns to the original ones below it), "longrope" switches to its long factors
+    past `original_max_position_embeddings`."""
 
     def __init__(self, config, causal: bool):
         super().__init__()
         self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
         inv_freq, self.attention_scaling = self.compute_inv_freq()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
     def compute_inv_freq(self) -> tuple[torch.Tensor, float]:
-        """`[head_dim / 2]` frequencies and the cos/sin scale of the configured rope type."""
+        """`[head_dim / 2]` frequencies and the cos/sin scale of the configured rope type (at the configured length)."""
         rope = self.config.rope_parameters
         if rope.get("rope_type", "default") != "default":
             return ROPE_INIT_FUNCTIONS[rope["rope_type"]](self.config)
@@ -114,11 +122,20 @@ class RotaryPositions(nn.Module):
         return 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     def forward(self, inputs_embeds, position_ids, past_length, key_length):
-        freqs = position_ids[..., None].float() * float32_inv_freq(self, inputs_embeds.device)  # [B or 1, L, D/2]
+        return inputs_embeds, self.cos_sin(inputs_embeds, position_ids)
+
+    @dynamic_rope_update  # dynamic / longrope: update inv_freq for these positions first (as Llama does)
+    def cos_sin(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin `[B or 1, L, head_dim]` of `position_ids` `[B or 1, L]`, in the embeddings' dtype."""
+        inv_freq = self.inv_freq.float() if self.rope_type in RUN_TIME_ROPE_TYPES else float32_inv_freq(self, None)
+        freqs = position_ids[..., None].float() * inv_freq.to(inputs_embeds.device)  # [B or 1, L, D/2]
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = (angles.cos() * self.attention_scaling).to(inputs_embeds.dtype)
         sin = (angles.sin() * self.attention_scaling).to(inputs_embeds.dtype)
-        return inputs_embeds, (cos, sin)
+        return cos, sin
+
+
+RUN_TIME_ROPE_TYPES = ("dynamic", "longrope")  # rope types whose frequencies change with the positions seen
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -189,3 +189,60 @@ def test_a_bare_checkpoint_loads_into_every_head_and_back(head, form, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(**inputs_for(form)).last_hidden_state,
                                    bare.eval()(**inputs_for(form)).last_hidden_state)  # fmt: skip
+
+
+# 4. every rope type, exact against transformers' Llama ----------------------------------------------------------------
+
+HEAD_DIM = 16
+ROPE_EXTRAS = {
+    "default": {},
+    "linear": {"factor": 2.0},
+    "dynamic": {"factor": 2.0},
+    "yarn": {"factor": 2.0, "original_max_position_embeddings": 8},
+    "longrope": {"short_factor": [1.0 + i / 8 for i in range(HEAD_DIM // 2)],
+                 "long_factor": [2.0 + i / 4 for i in range(HEAD_DIM // 2)], "original_max_position_embeddings": 8},
+    "llama3": {"factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+    "proportional": {"partial_rotary_factor": 0.5},
+}  # fmt: skip
+
+
+def test_every_rope_type_of_the_registry_is_covered():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    assert set(ROPE_EXTRAS) == {"default", *ROPE_INIT_FUNCTIONS}
+
+
+@pytest.mark.parametrize("rope_type", ROPE_EXTRAS)
+def test_rope_types_match_llama_past_max_position_embeddings(rope_type, tmp_path):
+    """A Llama with each rope type, converted: the same logits on 40 tokens (max_position_embeddings = 16), and the
+    same cached greedy decoding logits from 6 to 36 tokens, where dynamic NTK and longrope update their frequencies."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from conversion.api import convert
+
+    torch.manual_seed(0)
+    rope = {"rope_type": rope_type, "rope_theta": 100.0, **ROPE_EXTRAS[rope_type]}
+    config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=48, max_position_embeddings=16, initializer_range=0.2,
+                         rope_parameters=rope)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    convert("llama", tmp_path / "llama", tmp_path / "out", log=lambda message: None)
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    generate = {"max_new_tokens": 30, "min_new_tokens": 30, "do_sample": False, "output_logits": True,
+                "return_dict_in_generate": True}  # fmt: skip
+    outputs = []
+    for model in (
+        LlamaForCausalLM.from_pretrained(tmp_path / "llama"),
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out"),
+    ):
+        model.eval()
+        assert model.config.rope_parameters["rope_type"] == rope_type
+        with torch.no_grad():
+            full = model(ids).logits
+        fresh = type(model).from_pretrained(model.name_or_path).eval()  # run-time rope state starts afresh
+        out = fresh.generate(ids[:1, :6], **generate)
+        outputs.append((full, out.sequences, torch.stack(out.logits, 1)))
+    (theirs, their_tokens, their_steps), (ours, our_tokens, our_steps) = outputs
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert our_tokens.tolist() == their_tokens.tolist()
+    torch.testing.assert_close(our_steps, their_steps, atol=1e-4, rtol=1e-4)
