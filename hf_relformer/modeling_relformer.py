@@ -396,7 +396,7 @@ class RelformerPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False  # flash attention cannot add the relative position bias
     _supports_flex_attn = False
     _supports_attention_backend = False
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # tested: compiled static-cache decoding == eager
     _can_record_outputs = {
         "hidden_states": RelformerLayer,
         "attentions": OutputRecorder(RelformerAttention, index=1, layer_name="self_attn"),
@@ -636,7 +636,8 @@ class RelformerStack(RelformerPreTrainedModel):
             if isinstance(past_length, torch.Tensor):  # a static cache updates its length tensor in place
                 past_length = past_length.clone()
             key_length = self_attention_cache.get_mask_sizes(query_length, 0)[0]
-        check_attention_mask(attention_mask, inputs_embeds.shape[0], int(past_length) + query_length)
+        if not torch.compiler.is_compiling():  # a static cache's length is data: a compiled step skips the check
+            check_attention_mask(attention_mask, inputs_embeds.shape[0], int(past_length) + query_length)
         if encoder_hidden_states is not None:
             check_attention_mask(
                 encoder_attention_mask, encoder_hidden_states.shape[0], encoder_hidden_states.shape[1], "encoder "

@@ -246,3 +246,23 @@ def test_rope_types_match_llama_past_max_position_embeddings(rope_type, tmp_path
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert our_tokens.tolist() == their_tokens.tolist()
     torch.testing.assert_close(our_steps, their_steps, atol=1e-4, rtol=1e-4)
+
+
+# 10. torch.compile of the decode step ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["relative", "learned"])
+def test_compiled_static_cache_decoding_equals_eager(scheme):
+    """`torch.compile(model.forward, fullgraph=True)` with a static cache: no data-dependent branch or host sync in
+    the forward (the static cache's length is a tensor), and the same logits as eager decoding."""
+    from helpers import tiny_lm
+
+    model = tiny_lm(scheme)
+    ids = torch.tensor([[5, 17, 33, 8, 41, 12]])
+    generate = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "cache_implementation": "static",
+                "output_logits": True, "return_dict_in_generate": True}  # fmt: skip
+    eager = model.generate(ids, **generate)
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    compiled = model.generate(ids, **generate)
+    assert compiled.sequences.tolist() == eager.sequences.tolist()
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), atol=1e-4, rtol=1e-4)
