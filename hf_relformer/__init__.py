@@ -12,12 +12,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from . import modeling_relformer
-from .configuration_relformer import AUTO_MAP, RelformerConfig
+from .configuration_relformer import AUTO_MAP, CODE_VERSION, RelformerConfig
 from .modeling_relformer import *  # noqa: F403  (the model classes: modeling_relformer.__all__)
 from .pipeline_relformer import TASK as TEXT2TEXT_TASK
 from .pipeline_relformer import RelformerText2TextPipeline
 
-__version__ = "0.1.0"
+__version__ = CODE_VERSION  # defined in the shipped configuration file, which records it in every config.json
 
 AutoConfig.register(RelformerConfig.model_type, RelformerConfig, exist_ok=True)
 RelformerConfig.register_for_auto_class()

@@ -3,12 +3,24 @@
 This file is shipped with every saved checkpoint (remote code): it imports only the standard library and transformers.
 """
 
+import re
+
+import transformers
 from transformers import GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+# The version of this code (hf_relformer's `__version__`), written into every saved config.json as
+# `relformer_code_version`: a checkpoint's shipped code is frozen at save time, and this names it.
+CODE_VERSION = "0.1.0"
+CODE_VERSION_KEY = "relformer_code_version"
+# The newest transformers minor release this code was tested with. Run as a checkpoint's shipped code (remote code)
+# on a newer one, the config prints one line suggesting `relformer-upgrade` (transformers 5.24 renamed the cache
+# argument, which broke the code of checkpoints saved before it).
+TESTED_TRANSFORMERS = "5.24"
 
 POSITION_EMBEDDING_TYPES = ("relative", "sinusoidal", "learned", "rotary", "none")
 LAYER_NORM_POSITIONS = ("pre", "post")
@@ -65,6 +77,7 @@ KNOWN_EXTRA_KEYS = (
     "task_specific_params",
     "finetuning_task",
     "use_return_dict",
+    CODE_VERSION_KEY,  # the version of the code the checkpoint shipped when it was saved
 )
 
 # Every Auto class a Relformer checkpoint can be loaded with, written into `config.auto_map` so that a checkpoint
@@ -173,6 +186,7 @@ class RelformerConfig(PreTrainedConfig):
             self.decoder_layers = self.num_hidden_layers if self.decoder_layers is None else self.decoder_layers
         self.auto_map = {**AUTO_MAP, **(kwargs.pop("auto_map", None) or {})}
         _warn_about_unknown_fields(kwargs)
+        _suggest_upgrade_if_outdated()
         super().__post_init__(**kwargs)
         self.validate()
 
@@ -283,6 +297,10 @@ class RelformerConfig(PreTrainedConfig):
         self.validate()
         super().save_pretrained(save_directory, *args, **kwargs)
 
+    def to_dict(self) -> dict:
+        """transformers' `to_dict`, recording the version of this code (the code a save ships beside config.json)."""
+        return {**super().to_dict(), CODE_VERSION_KEY: CODE_VERSION}
+
     @property
     def has_final_layer_norm(self) -> bool:
         """Whether each stack ends with a norm (`final_layer_norm`, by default only pre-norm stacks)."""
@@ -306,6 +324,27 @@ def _warn_about_unknown_fields(kwargs: dict) -> None:
             f"RelformerConfig: ignoring unknown field(s) {', '.join(unknown)} (kept in the config, not used by the "
             "model). A config written by a newer hf_relformer may need that version, or a name may be misspelt."
         )
+
+
+def _minor(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "5.24.0" or "5.25.0.dev0"; () when it has none."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else ()
+
+
+def _suggest_upgrade_if_outdated() -> None:
+    """Run as a checkpoint's shipped code (a `transformers_modules` module, loaded with trust_remote_code=True) on a
+    transformers newer than `TESTED_TRANSFORMERS`, say once that the checkpoint's code may be out of date. Silent
+    when the installed package's classes are used."""
+    if not __name__.startswith("transformers_modules.") or _minor(transformers.__version__) <= _minor(
+        TESTED_TRANSFORMERS
+    ):
+        return
+    logger.warning_once(
+        f"This checkpoint's Relformer code ({CODE_VERSION_KEY} {CODE_VERSION}) was tested with transformers up to "
+        f"{TESTED_TRANSFORMERS}, not {transformers.__version__}: if it fails or decodes wrongly, replace its code with "
+        "`pip install hf-relformer && relformer-upgrade PATH` (or `relformer-upgrade --repo-id ID`)."
+    )
 
 
 def _is_positive_int(value: object) -> bool:

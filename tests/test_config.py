@@ -1,11 +1,15 @@
 """RelformerConfig: defaults, round trips, and a clear ValueError for every invalid value."""
 
+import json
+
 import pytest
 from transformers import AutoConfig
 
+import hf_relformer
 from hf_relformer import RelformerConfig
+from hf_relformer.configuration_relformer import CODE_VERSION_KEY
 
-from helpers import tiny_config
+from helpers import tiny_config, tiny_lm
 
 REQUIRED_FIELDS = (
     "vocab_size",
@@ -241,3 +245,12 @@ def test_an_older_encoder_config_without_type_vocab_size_keeps_no_token_types(tm
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, old(ids).logits, rtol=0, atol=0)
+
+
+def test_every_saved_config_records_the_code_version_and_loads_silently(tmp_path, caplog):
+    tiny_lm().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())[CODE_VERSION_KEY] == hf_relformer.__version__
+    with caplog.at_level("WARNING"):
+        config = RelformerConfig.from_pretrained(tmp_path)
+    assert caplog.records == []  # a known key, not an "unknown field"
+    assert config.to_dict()[CODE_VERSION_KEY] == hf_relformer.__version__
