@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,11 +81,11 @@ def validate_folder(folder: str | Path, write_card_if_missing: bool = False, rem
     if not folder.is_dir():
         result.problems.append(f"{folder} is not a folder.")
         return result
-    config = _check_config(folder, result)
+    config = check_config(folder, result)
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         result.problems.append(f"pickle-based weight files would run code when loaded: {', '.join(pickles)}.")
-    _check_weights(folder, config, result)
+    check_weights(folder, config, result)
     missing_code = [name for name in MODEL_CODE if not (folder / name).is_file()]
     if missing_code:
         result.problems.append(f"modeling code missing (needed for trust_remote_code): {', '.join(missing_code)}.")
@@ -98,7 +99,8 @@ def validate_folder(folder: str | Path, write_card_if_missing: bool = False, rem
     return result
 
 
-def _check_config(folder: Path, result: Validation):
+def check_config(folder: Path, result: Validation):
+    """The folder's `RelformerConfig`, or None with the reason added to `result.problems`."""
     try:
         return load_relformer_config(folder)
     except ConversionError as error:
@@ -106,7 +108,7 @@ def _check_config(folder: Path, result: Validation):
         return None
 
 
-def _check_weights(folder: Path, config, result: Validation) -> None:
+def check_weights(folder: Path, config, result: Validation) -> None:
     """The safetensors can be read and (with a config) hold exactly the tensors, names and shapes, of its model."""
     try:
         stored = folder_shapes(folder)
@@ -153,22 +155,36 @@ def _check_card(folder: Path, result: Validation, write_card_if_missing: bool) -
         result.warnings.append("the card's metadata does not say library_name: transformers.")
 
 
+def run_without_package(script: str, folder: Path, *args: str) -> dict:
+    """Run `script` (which makes hf_relformer unimportable) with `folder` and `args` in a fresh Python process, offline,
+    with its own empty modules cache; return the JSON it prints last, or raise `RemoteLoadError` with its last error
+    line."""
+    with tempfile.TemporaryDirectory(prefix="relformer-modules-") as modules:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": modules}
+        process = subprocess.run(
+            [sys.executable, "-c", script, str(folder.resolve()), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=folder.parent,
+            timeout=600,
+        )
+    if process.returncode != 0:
+        raise RemoteLoadError((process.stderr.strip().splitlines() or ["no output"])[-1])
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+class RemoteLoadError(RuntimeError):
+    """The fresh process without hf_relformer failed: the message is its last error line."""
+
+
 def _check_remote_load(folder: Path, config, result: Validation) -> None:
     form = "seq2seq" if config.is_encoder_decoder else "decoder" if config.is_decoder else "encoder"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.run(
-        [sys.executable, "-c", REMOTE_CHECK, str(folder.resolve()), form],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=folder.parent,
-        timeout=600,
-    )
-    if process.returncode != 0:
-        last = (process.stderr.strip().splitlines() or ["no output"])[-1]
-        result.problems.append(f"the folder does not load with trust_remote_code=True without hf_relformer: {last}")
+    try:
+        report = run_without_package(REMOTE_CHECK, folder, form)
+    except RemoteLoadError as error:
+        result.problems.append(f"the folder does not load with trust_remote_code=True without hf_relformer: {error}")
         return
-    report = json.loads(process.stdout.strip().splitlines()[-1])
     if not report["finite"]:
         result.problems.append("loaded with trust_remote_code=True, the model gives non-finite outputs.")
 
@@ -209,12 +225,12 @@ def upload(
             log(f"  {path.relative_to(folder)}  {path.stat().st_size:,} bytes")
         return None
     api = api or HfApi(endpoint=endpoint, token=token)
-    _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True), "create_repo", log, sleep)
+    with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True), "create_repo", log, sleep)
     if create_branch:
         if not revision:
             raise UploadError("--create-branch needs --revision BRANCH.")
-        _with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), "create_branch", log, sleep)
-    commit = _with_retries(
+        with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), "create_branch", log, sleep)
+    commit = with_retries(
         lambda: api.upload_folder(
             repo_id=repo_id,
             folder_path=str(folder),
@@ -231,7 +247,7 @@ def upload(
     return url
 
 
-def _with_retries(call: Callable, what: str, log: Callable[[str], None], sleep: Callable[[float], None]):
+def with_retries(call: Callable, what: str, log: Callable[[str], None], sleep: Callable[[float], None]):
     """Retry transient failures (5xx, dropped connections) with exponential backoff; never client errors."""
     for attempt in range(RETRIES + 1):
         try:
@@ -241,8 +257,9 @@ def _with_retries(call: Callable, what: str, log: Callable[[str], None], sleep: 
             if status is None or status >= 500:
                 failure = f"{what}: server error {status}" if status else f"{what}: {error}"
             else:
+                first_line = (str(error).strip().splitlines() or [""])[0]  # one `PROG: error:` line
                 raise UploadError(
-                    f"{what} refused by the Hub ({status}): {_client_error_hint(status)} {error}"
+                    f"{what} refused by the Hub ({status}): {_client_error_hint(status)} {first_line}"
                 ) from error
         except (ConnectionError, TimeoutError, OSError) as error:
             failure = f"{what}: connection failed ({error})"
@@ -256,11 +273,35 @@ def _with_retries(call: Callable, what: str, log: Callable[[str], None], sleep: 
 
 def _client_error_hint(status: int) -> str:
     return {
-        401: "not logged in or invalid token (set HF_TOKEN or run `hf auth login`).",
+        401: "not logged in or invalid token (set HF_TOKEN or run `hf auth login`), or no such repository.",
         403: "the token may not write to this repository or organisation.",
         404: "repository or revision not found (does the branch exist? use --create-branch).",
         409: "conflict with the repository's current state (try again after it settles, or another revision).",
     }.get(status, "")
+
+
+HUB_OPTIONS = ("revision", "commit_message", "token", "endpoint", "dry_run")
+
+
+def add_hub_options(parser: argparse.ArgumentParser, dry_run_help: str) -> None:
+    """The options every command that commits to the Hub takes (`HUB_OPTIONS`, passed on by `hub_options`)."""
+    parser.add_argument("--revision", help="branch to commit to (default main)")
+    parser.add_argument("--commit-message")
+    parser.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, else huggingface.co)")
+    parser.add_argument("--token", help="default: HF_TOKEN or the saved login")
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+
+
+def check_hub_options(parser: argparse.ArgumentParser, args: argparse.Namespace, repo_id: str, name: str) -> None:
+    """Usage errors (exit 2) for a repository id that is not owner/name and an endpoint that is not a URL."""
+    if not is_hub_name(repo_id):
+        parser.error(f"{name} must look like owner/name, got {repo_id!r}")
+    if args.endpoint and not args.endpoint.startswith(("http://", "https://")):
+        parser.error(f"--endpoint must be an http:// or https:// URL, got {args.endpoint!r}")
+
+
+def hub_options(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in HUB_OPTIONS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,35 +309,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path)
     parser.add_argument("repo_id", help="owner/name on the Hub")
     parser.add_argument("--private", action="store_true")
-    parser.add_argument("--revision", help="branch to commit to (default main)")
     parser.add_argument("--create-branch", action="store_true", help="create --revision if it does not exist")
-    parser.add_argument("--commit-message")
-    parser.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT, else huggingface.co)")
-    parser.add_argument("--token", help="default: HF_TOKEN or the saved login")
     parser.add_argument("--write-card", action="store_true", help="generate README.md if the folder has none")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print what would be sent; send nothing")
+    add_hub_options(parser, "validate and print what would be sent; send nothing")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"{args.folder} is not a folder")
-    if not is_hub_name(args.repo_id):
-        parser.error(f"repo_id must look like owner/name, got {args.repo_id!r}")
+    check_hub_options(parser, args, args.repo_id, "repo_id")
     if args.create_branch and not args.revision:
         parser.error("--create-branch needs --revision")
-    if args.endpoint and not args.endpoint.startswith(("http://", "https://")):
-        parser.error(f"--endpoint must be an http:// or https:// URL, got {args.endpoint!r}")
     return run_command(
         "relformer-upload",
         lambda: upload(
             args.folder,
             args.repo_id,
             private=args.private,
-            revision=args.revision,
             create_branch=args.create_branch,
-            commit_message=args.commit_message,
-            token=args.token,
-            endpoint=args.endpoint,
             write_card_if_missing=args.write_card,
-            dry_run=args.dry_run,
+            **hub_options(args),
         ),
         (UploadError,),
         "nothing was committed by this run.",

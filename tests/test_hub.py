@@ -3,13 +3,6 @@ calls made at the HfApi boundary (one commit, retries for server errors only).""
 
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 
 import httpx2
 import pytest
@@ -26,7 +19,7 @@ from conversion.card import render_card
 from conversion.upload import UploadError, upload, validate_folder
 from hf_relformer import RelformerForConditionalGeneration, RelformerForMaskedLM
 
-from helpers import ASSETS, redraw_weights, run_script, tiny_config, tiny_lm, tiny_seq2seq
+from helpers import redraw_weights, run_script, tiny_config, tiny_lm, tiny_seq2seq
 
 
 def metadata(text: str) -> dict:
@@ -281,55 +274,6 @@ generator = pipeline("text-generation", model=repo_id, revision=revision, trust_
 text = generator("The history of", max_new_tokens=12, do_sample=False)[0]["generated_text"]
 print(json.dumps({"logits": logits.tolist(), "text": text}))
 """
-
-
-@pytest.fixture(scope="module")
-def hub_server(tmp_path_factory):
-    """olah 0.5.4 in offline-mirror mode on a free 127.0.0.1 port, serving git repositories from a local folder as Hub
-    model repos. Yields (endpoint, publish); publish(folder, "org/name") commits the folder and returns its sha."""
-    olah = ASSETS / "olah-venv" / "bin" / "olah-cli"
-    if not (ASSETS / "olah-venv" / ".complete").is_file():
-        pytest.fail(f"olah missing in {olah.parent.parent}: run `bash scripts/fetch_assets.sh` first.")
-    root = tmp_path_factory.mktemp("olah")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    (root / "olah.toml").write_text(
-        f'[basic]\nhost = "127.0.0.1"\nport = {port}\nrepos-path = "{root / "repos"}"\n'
-        f'mirrors-path = ["{root / "mirrors"}"]\n[accessibility]\noffline = true\n'
-    )
-
-    def publish(folder, repo_id):
-        target = root / "mirrors" / "models" / repo_id
-        shutil.copytree(folder, target)
-        git = ["git", "-C", str(target), "-c", "user.name=test", "-c", "user.email=test@example.com"]
-        subprocess.run(["git", "init", "-q", "-b", "main", str(target)], check=True)
-        subprocess.run([*git, "add", "-A"], check=True)
-        subprocess.run([*git, "commit", "-qm", "upload"], check=True)
-        return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-
-    server = subprocess.Popen(
-        [str(olah), "--config", str(root / "olah.toml"), "--log-path", str(root / "logs")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # any HTTP answer means the server is up
-            try:
-                urllib.request.urlopen(f"{endpoint}/api/models/none/none/revision/main", timeout=1)
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("olah did not start")
-                time.sleep(0.1)
-        yield endpoint, publish
-    finally:
-        os.kill(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_models_and_pipelines_load_by_repo_id_from_a_hub_server(hub_server, shared_folder, tmp_path):
