@@ -246,7 +246,9 @@ def test_repo_upgrade_fetches_config_and_code_only_and_pushes_one_commit(hub_ser
     assert repo_id == "relformer-org/old-relformer" and kwargs["parent_commit"] == sha
     assert kwargs["commit_message"] == "upgrade code"
     sent = {op.path_in_repo: op.path_or_fileobj for op in operations}
-    assert set(sent) == {"config.json", "configuration_relformer.py", "modeling_relformer.py"}
+    changed = {name for name in CODE if (FIXTURE / name).read_bytes() != (PACKAGE / name).read_bytes()}
+    assert "modeling_relformer.py" in changed
+    assert set(sent) == {"config.json", *changed}
     # The same files as the folder upgrade writes.
     folder = fixture_copy(tmp_path, "local")
     upgrade_module.upgrade_folder(folder, log=lambda line: None)
@@ -272,3 +274,14 @@ def test_repo_upgrade_errors_are_one_line_and_a_current_repo_is_left_alone(hub_s
     with pytest.raises(ConversionError, match="model_type is 'gpt2'"):
         upgrade_repo("relformer-org/foreign", api=api)
     assert api.commits == []
+
+
+def test_tested_transformers_follows_the_dependency_range():
+    """The shipped code's TESTED_TRANSFORMERS is the newest minor release pyproject.toml admits (`<5.(n+1)`), so that
+    widening the range after CI passes on a new release also moves the upgrade hint."""
+    import re
+
+    from hf_relformer.configuration_relformer import TESTED_TRANSFORMERS
+
+    major, minor = re.search(r'"transformers>=[\d.]+,<(\d+)\.(\d+)"', (REPO_ROOT / "pyproject.toml").read_text()).groups()
+    assert TESTED_TRANSFORMERS == f"{major}.{int(minor) - 1}"
