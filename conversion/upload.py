@@ -12,6 +12,7 @@ and dropped connections are retried with backoff; client errors (401/403/404/409
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import subprocess
@@ -75,14 +76,43 @@ class Validation:
         return not self.problems
 
 
-def validate_folder(folder: str | Path, write_card_if_missing: bool = False, remote_check: bool = True) -> Validation:
-    """Every check a folder must pass before it is sent (problems), and what only deserves a warning."""
+# What Trainer writes beside a model (`save_model`, checkpoints, logs): never part of a shared model, so never sent.
+TRAINING_ARTIFACTS = (
+    "training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state*.pth",
+    "checkpoint-*", "runs",
+)  # fmt: skip
+
+
+def files_to_send(folder: Path, exclude: tuple[str, ...] = ()) -> tuple[list[Path], list[str]]:
+    """The files under `folder` that are sent (hidden ones never are), and the skipped entries: Trainer's artifacts
+    and `exclude` patterns (fnmatch, against the path relative to `folder` or any folder on it; folders end in /)."""
+    patterns = (*TRAINING_ARTIFACTS, *exclude)
+    sent, skipped = [], set()
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        prefixes = ["/".join(relative.parts[: i + 1]) for i in range(len(relative.parts))]
+        match = next((p for p in prefixes if any(fnmatch.fnmatch(p, pattern) for pattern in patterns)), None)
+        if match is None:
+            sent.append(path)
+        else:
+            skipped.add(match + ("/" if match != relative.as_posix() else ""))
+    return sent, sorted(skipped)
+
+
+def validate_folder(
+    folder: str | Path, write_card_if_missing: bool = False, remote_check: bool = True, exclude: tuple[str, ...] = ()
+) -> Validation:
+    """Every check a folder must pass before it is sent (problems), and what only deserves a warning. Trainer's
+    artifacts and `exclude` patterns are skipped (see `files_to_send`)."""
     folder, result = Path(folder), Validation()
     if not folder.is_dir():
         result.problems.append(f"{folder} is not a folder.")
         return result
     config = check_config(folder, result)
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    sent, _ = files_to_send(folder, exclude)
+    pickles = sorted(p.relative_to(folder).as_posix() for p in sent if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         result.problems.append(f"pickle-based weight files would run code when loaded: {', '.join(pickles)}.")
     check_weights(folder, config, result)
@@ -201,6 +231,7 @@ def upload(
     endpoint: str | None = None,
     write_card_if_missing: bool = False,
     dry_run: bool = False,
+    exclude: tuple[str, ...] = (),
     api: HfApi | None = None,
     log: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
@@ -208,13 +239,15 @@ def upload(
     """Validate `folder`, then create `repo_id` (if needed) and upload the folder as one commit. Returns the commit
     URL (None for a dry run). Raises `UploadError` with the list of problems, or the reason the Hub refused."""
     folder = Path(folder)
-    validation = validate_folder(folder, write_card_if_missing=write_card_if_missing)
+    validation = validate_folder(folder, write_card_if_missing=write_card_if_missing, exclude=exclude)
     for warning in validation.warnings:
         log(f"warning: {warning}")
     if not validation.ok:
         raise UploadError("the folder is not ready to share:\n" + "\n".join(f"- {p}" for p in validation.problems))
     message = commit_message or f"Upload Relformer from {folder.name}"
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files, skipped = files_to_send(folder, exclude)
+    if skipped:
+        log(f"skipped (training artifacts and --exclude, not sent): {', '.join(skipped)}")
     if dry_run:
         target = endpoint or os.environ.get("HF_ENDPOINT", "https://huggingface.co")
         log(
@@ -236,7 +269,7 @@ def upload(
             folder_path=str(folder),
             revision=revision,
             commit_message=message,
-            ignore_patterns=[".*", "**/.*"],
+            allow_patterns=[path.relative_to(folder).as_posix() for path in files],  # exactly what was validated
         ),
         "upload_folder",
         log,
@@ -311,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--create-branch", action="store_true", help="create --revision if it does not exist")
     parser.add_argument("--write-card", action="store_true", help="generate README.md if the folder has none")
+    parser.add_argument(
+        "--exclude", action="append", default=[], metavar="PATTERN",
+        help="do not send files or folders matching PATTERN (fnmatch, relative to FOLDER; repeatable); Trainer's "
+        f"artifacts are always skipped ({', '.join(TRAINING_ARTIFACTS)})",
+    )  # fmt: skip
     add_hub_options(parser, "validate and print what would be sent; send nothing")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
@@ -326,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             private=args.private,
             create_branch=args.create_branch,
             write_card_if_missing=args.write_card,
+            exclude=tuple(args.exclude),
             **hub_options(args),
         ),
         (UploadError,),

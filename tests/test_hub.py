@@ -296,3 +296,38 @@ def test_models_and_pipelines_load_by_repo_id_from_a_hub_server(hub_server, shar
     generator = pipeline("text-generation", model=str(shared_folder))
     assert remote["text"] == generator("The history of", max_new_tokens=12, do_sample=False)[0]["generated_text"]
     assert (tmp_path / "cache").is_dir()  # the files really came through the server
+
+
+def test_a_trainer_output_folder_is_sent_without_its_training_artifacts(no_fresh_process, shared_folder, tmp_path):
+    """What `Trainer.save_model()` and checkpointing leave beside the model (training_args.bin is a pickle) is skipped
+    with one line, not refused; any other pickle still is, unless excluded with --exclude."""
+    from transformers import Trainer, TrainingArguments
+
+    folder = copy_of(shared_folder, tmp_path, "trained")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    args = TrainingArguments(output_dir=str(folder), max_steps=1, save_steps=1, report_to=[], use_cpu=True,
+                             per_device_train_batch_size=2)  # fmt: skip
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}] * 2
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    trainer.save_model()
+    assert (folder / "training_args.bin").is_file() and any(folder.glob("checkpoint-*"))
+    (folder / "runs").mkdir(exist_ok=True)  # TensorBoard's logs, when it reports there
+    (folder / "runs" / "events.log").write_text("x")
+
+    lines, api = [], FakeApi()
+    upload(folder, "me/tiny", api=api, log=lines.append)
+    sent = api.calls[-1][2]["allow_patterns"]
+    assert "model.safetensors" in sent and "config.json" in sent and "modeling_relformer.py" in sent
+    assert not [name for name in sent if name.startswith(("checkpoint-", "runs/")) or name.endswith(".bin")], sent
+    skipped = [line for line in lines if line.startswith("skipped")]
+    assert len(skipped) == 1 and "training_args.bin" in skipped[0] and "checkpoint-1/" in skipped[0]
+    assert "runs/" in skipped[0]
+
+    (folder / "extra.pkl").write_bytes(b"not a model")
+    with pytest.raises(UploadError, match=r"extra\.pkl"):
+        upload(folder, "me/tiny", api=FakeApi(), log=lines.append)
+    api = FakeApi()
+    upload(folder, "me/tiny", api=api, exclude=("*.pkl",), log=lines.append)
+    assert "extra.pkl" not in api.calls[-1][2]["allow_patterns"]
+    assert upload_module.main([str(folder), "me/tiny", "--dry-run", "--exclude", "extra.pkl"]) == 0
