@@ -331,3 +331,24 @@ def test_a_trainer_output_folder_is_sent_without_its_training_artifacts(no_fresh
     upload(folder, "me/tiny", api=api, exclude=("*.pkl",), log=lines.append)
     assert "extra.pkl" not in api.calls[-1][2]["allow_patterns"]
     assert upload_module.main([str(folder), "me/tiny", "--dry-run", "--exclude", "extra.pkl"]) == 0
+
+
+def test_the_cards_snippet_runs_without_the_package_and_never_asks_about_remote_code(shared_folder, tmp_path):
+    """The card's "How to use" code, run as written (repo id -> the folder) in a fresh process where hf_relformer
+    cannot be imported: the tokenizer is transformers' own class, loaded without remote code and without the
+    trust_remote_code question (which AutoConfig, called by AutoTokenizer, would otherwise ask)."""
+    import subprocess
+    import sys
+
+    snippet = str(render_card(shared_folder, repo_id="me/tiny")).split("```python", 1)[1].split("```", 1)[0]
+    snippet = snippet.replace('"me/tiny"', repr(str(shared_folder))).replace("max_new_tokens=30", "max_new_tokens=3")
+    script = (
+        'import sys\nsys.modules["hf_relformer"] = None\n' + snippet
+        + '\nassert type(tokenizer).__module__.startswith("transformers."), type(tokenizer).__module__\nprint("ran")\n'
+    )  # fmt: skip
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], input="y\n", capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ran")
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
