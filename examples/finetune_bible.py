@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     translator = pipeline("relformer-text2text", model=model, tokenizer=tokenizer)
     sources = [s for s, _ in eval_pairs]
     references = [t for _, t in eval_pairs]
-    hypotheses = [out[0]["generated_text"] for out in translator(sources, batch_size=32, num_beams=1)]
+    hypotheses = [out["generated_text"] for out in translator(sources, batch_size=32, num_beams=1)]
     results = {
         "position": args.position,
         "train_pairs": len(train_pairs),
