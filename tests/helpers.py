@@ -233,3 +233,13 @@ def run_script(script: str, args: list[str], env: dict[str, str], work_dir: Path
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def load_example(name: str):
+    """The module `examples/NAME.py`, imported under the name `NAME`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
