@@ -85,7 +85,7 @@ def score_grid(score, name: str, check_range: bool = True) -> list[tuple[int | N
         for element in part.flatten().notesAndRests:
             if element.duration.isGrace:
                 continue
-            where = f"{name}, {voice} (part {VOICES.index(voice) + 1}), beat offset {float(element.offset):g}"
+            where = f"{name}, {voice} (part {VOICES.index(voice) + 1}), at quarter note {float(element.offset):g}"
             start, duration = Fraction(element.offset) * 4, Fraction(element.quarterLength) * 4
             if start.denominator != 1 or duration.denominator != 1:
                 raise ChoraleError(f"{where}: onset or duration finer than a 16th note")
