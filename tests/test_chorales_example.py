@@ -52,6 +52,13 @@ def test_short_run_beats_unigram_and_writes_four_part_midi(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.config.position_embedding_type == "relative"
 
+    more = tmp_path / "more"  # generation only, primed with the MIDI just written
+    example = load_example("chorales")
+    argv = ["--model", str(output), "--prime", str(output / "continuation.mid"), "--output", str(more), "--bars", "1"]
+    assert example.main([*argv, "--prime-bars", "1"]) == 0
+    assert len(music21.converter.parse(more / "continuation.mid").parts) == 4
+    assert json.loads((more / "generation.json").read_text())["generated_steps"] == 16
+
 
 def three_voices(path):
     score = music21.stream.Score()
