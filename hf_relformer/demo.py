@@ -1,19 +1,31 @@
-"""`relformer demo`: train small causal Relformers on algorithmic tasks and compare position schemes on length
-generalization (Ontañón et al. 2022; Kazemnejad et al. 2023).
+"""`relformer demo`: what relative positions buy, shown in two parts with small causal Relformers, one per position
+scheme of the registry (`POSITION_SCHEMES`, plus Shaw's values term), trained on the same data, for the same steps,
+from the same init seed, with dropout 0.
 
-Every model is trained on problems of size <= `train_length` and evaluated with cached greedy `generate()` at 1x, 2x
-and 4x that size. The data is generated here, from a seed:
-- copy:    `<s> 3 1 4 1 5 >`  ->  `3 1 4 1 5 </s>`
-- reverse: `<s> 3 1 4 1 5 >`  ->  `5 1 4 1 3 </s>`
-- add:     `<s> 2 1 + 5 7 =`  ->  `7 8 </s>`   (12 + 75 = 87, every number written least significant digit first)
+1. Extrapolation on real text (Press et al. 2022, Fig. 1). A character-level LM (one token per character of *Hamlet*,
+   plus `<s>` and `<unk>`) is trained on *Hamlet* with a context of `context` characters, then scored on *Macbeth*,
+   which it never sees, with windows of 1x, 2x, 4x ... that context. The evaluated text (the first `eval_characters`
+   characters of *Macbeth*, cut to a multiple of the longest window) is split into non-overlapping windows, each read
+   after `<s>`, and every character is scored once: each column averages over exactly the same characters, and only
+   the context each character sees grows. A table of learned positions has no row past its training length: "n/a".
+2. Algorithmic length generalization on streaming tasks: after every input digit the model writes one output symbol
+   that depends only on the last two inputs, so the attention distances a solution needs stay <= 4 (within the
+   clipping distance k) at every length, while absolute positions are a shortcut at the training lengths:
+   - delay:   `<s> 3 - 1 - 4 3 1 1 5 4`   each input is followed by the input two steps back (`-` for the first two)
+   - pairsum: `<s> 3 3 1 4 4 5 1 5 5 6`   each input is followed by (it + the previous input) mod 10
+   Models see 1 to `train_length` inputs and are scored on `eval_count` problems of 1x, 2x and 4x that many inputs.
+   Exact match is that of greedy decoding (every input given, every output the model's own): it is read off one
+   forward over the true sequence, which is the same thing, since greedy decoding first departs from the true
+   sequence at the first wrongly predicted symbol. Per-symbol accuracy is that forward's (teacher forcing).
 """
 
 import io
 import json
+import math
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,133 +36,75 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
 from .checks import check_cached_decoding
 from .configuration_relformer import RelformerConfig
 from .modeling_relformer import RelformerForCausalLM
+from .positions_relformer import POSITION_SCHEMES, LearnedPositions
 from .saving import ExtraFiles, Subfolder, save_pretrained_atomically
 from .saving import output_problem as _folder_problem
 
-SYMBOLS = [str(d) for d in range(10)] + ["+", "=", ">"]
-SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
-VOCAB = {token: index for index, token in enumerate([*SPECIAL.values(), *SYMBOLS])}
-PAD, BOS, EOS = (VOCAB[t] for t in SPECIAL.values())
-
-# scheme name -> config overrides
-SCHEMES = {
-    "relative": {"position_embedding_type": "relative"},
-    "relative_values": {"position_embedding_type": "relative", "relative_attention_values": True},
-    "sinusoidal": {"position_embedding_type": "sinusoidal"},
-    "learned": {"position_embedding_type": "learned"},
-    "rotary": {"position_embedding_type": "rotary"},
-    "none": {"position_embedding_type": "none"},
-}
+TEXTS = Path(__file__).resolve().parents[1] / "examples" / "data" / "shakespeare"
 
 
-def make_problem(task: str, size: int, rng: random.Random) -> tuple[list[str], list[str]]:
-    """(prompt symbols, answer symbols) of one problem of the given size (digits, or digits per operand)."""
-    digits = [str(rng.randrange(10)) for _ in range(size)]
-    if task == "copy":
-        return [*digits, ">"], digits
-    if task == "reverse":
-        return [*digits, ">"], digits[::-1]
-    if task == "add":
-        other = [str(rng.randrange(10)) for _ in range(size)]
-        total = int("".join(digits[::-1])) + int("".join(other[::-1]))
-        return [*digits, "+", *other, "="], list(str(total)[::-1])
-    raise ValueError(f"unknown task {task!r}; choose from copy, reverse, add")
+def registry_schemes() -> dict[str, dict]:
+    """Scheme name -> config overrides: every entry of `POSITION_SCHEMES`, and relative with Shaw's values term."""
+    schemes = {}
+    for name in POSITION_SCHEMES:
+        schemes[name] = {"position_embedding_type": name}
+        if name == "relative":
+            schemes["relative_values"] = {"position_embedding_type": name, "relative_attention_values": True}
+    return schemes
 
 
-TASKS = ("copy", "reverse", "add")
+SCHEMES = registry_schemes()
 
 
-def encode(symbols: list[str]) -> list[int]:
-    return [VOCAB[s] for s in symbols]
-
-
-def training_batch(task: str, train_length: int, batch_size: int, rng: random.Random) -> dict[str, torch.Tensor]:
-    """Right-padded `[B, L]` input_ids, attention_mask and labels (-100 on the prompt and the padding)."""
-    rows, labels = [], []
-    for _ in range(batch_size):
-        prompt, answer = make_problem(task, rng.randint(1, train_length), rng)
-        prompt_ids, answer_ids = [BOS, *encode(prompt)], [*encode(answer), EOS]
-        rows.append(prompt_ids + answer_ids)
-        labels.append([-100] * len(prompt_ids) + answer_ids)
-    length = max(map(len, rows))
-    return {
-        "input_ids": torch.tensor([r + [PAD] * (length - len(r)) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows]),
-        "labels": torch.tensor([r + [-100] * (length - len(r)) for r in labels]),
-    }
-
-
-@torch.no_grad()
-def evaluate(model: RelformerForCausalLM, task: str, size: int, count: int, seed: int) -> dict[str, float]:
-    """Exact-match and per-symbol accuracy of cached greedy decoding on `count` problems of one size."""
-    rng = random.Random(seed)
-    problems = [make_problem(task, size, rng) for _ in range(count)]
-    prompts = torch.tensor([[BOS, *encode(p)] for p, _ in problems])  # one size: no padding needed
-    longest = max(len(a) for _, a in problems)
-    out = model.generate(prompts, max_new_tokens=longest + 1, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
-    exact, symbols, total = 0, 0, 0
-    for row, (_, answer) in zip(out[:, prompts.shape[1] :].tolist(), problems, strict=True):
-        expected = [*encode(answer), EOS]
-        got = (row + [PAD] * len(expected))[: len(expected)]
-        exact += got == expected
-        symbols += sum(g == e for g, e in zip(got, expected, strict=True))
-        total += len(expected)
-    return {"exact": exact / count, "symbol": symbols / total}
-
-
-def sanity_prompts(task: str, train_length: int, seed: int) -> torch.Tensor:
-    """`[4, L]` prompts of the training size, for the decoding check every trained model goes through."""
-    rng = random.Random(seed)
-    return torch.tensor([[BOS, *encode(make_problem(task, train_length, rng)[0])] for _ in range(4)])
+# ---------------------------------------------------------------------------------------------------------------
+# Settings and training, shared by both parts
+# ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class DemoSettings:
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
     schemes: list[str] = field(default_factory=lambda: list(SCHEMES))
-    multipliers: list[int] = field(default_factory=lambda: [1, 2, 4])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    train_length: int = 8
-    steps: int = 400
-    batch_size: int = 64
-    eval_count: int = 100
+    steps: int = 250
     learning_rate: float = 3e-3
     hidden_size: int = 64
     layers: int = 2
     heads: int = 4
-    max_distance: int = 16
+    max_distance: int = 8
+    # part 1: text
+    context: int = 64
+    text_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    text_batch_size: int = 32
+    eval_characters: int = 16384
+    # part 2: algorithmic tasks
+    tasks: list[str] = field(default_factory=lambda: ["delay", "pairsum"])
+    multipliers: list[int] = field(default_factory=lambda: [1, 2, 4])
+    train_length: int = 12
+    batch_size: int = 64
+    eval_count: int = 100
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(tasks=["copy"], seeds=[0], steps=300, eval_count=50)
+        return cls(seeds=[0], steps=120, text_multipliers=[1, 2, 4, 8], eval_characters=8192, tasks=["delay"],
+                   eval_count=50)  # fmt: skip
 
-    def size(self, task: str, multiplier: int) -> int:
-        """Problem size at a multiple of the training length (addition counts digits per operand)."""
-        return (self.train_length // 2 if task == "add" else self.train_length) * multiplier
-
-    def config(self, scheme: str) -> RelformerConfig:
-        longest = 2 * self.size("add", max(self.multipliers)) + 4
-        longest = max(longest, 2 * self.train_length * max(self.multipliers) + 4)
+    def config(self, scheme: str, vocab_size: int, longest: int, scale_embedding: bool = False) -> RelformerConfig:
+        """The same model for every scheme; a learned table gets `longest` rows."""
         return RelformerConfig(
-            vocab_size=len(VOCAB), hidden_size=self.hidden_size, num_hidden_layers=self.layers,
-            num_attention_heads=self.heads, intermediate_size=4 * self.hidden_size,
-            max_position_embeddings=longest, relative_attention_max_distance=self.max_distance,
-            hidden_dropout=0.0, attention_dropout=0.0, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-            **SCHEMES[scheme],
+            vocab_size=vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.layers,
+            num_attention_heads=self.heads, intermediate_size=4 * self.hidden_size, max_position_embeddings=longest,
+            relative_attention_max_distance=self.max_distance, hidden_dropout=0.0, attention_dropout=0.0,
+            scale_embedding=scale_embedding, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, **SCHEMES[scheme],
         )  # fmt: skip
 
 
-def train_one(settings: DemoSettings, task: str, scheme: str, seed: int) -> RelformerForCausalLM:
-    """Train one model with AdamW and a linear decay; deterministic for a seed."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    model = RelformerForCausalLM(settings.config(scheme))
+def train(model: RelformerForCausalLM, batches: Iterator[dict], settings: DemoSettings) -> RelformerForCausalLM:
+    """AdamW with a linear decay over `settings.steps` batches; returns the model in eval mode."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / settings.steps)
     model.train()
     for _ in range(settings.steps):
-        loss = model(**training_batch(task, settings.train_length, settings.batch_size, rng)).loss
-        loss.backward()
+        model(**next(batches)).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -158,16 +112,217 @@ def train_one(settings: DemoSettings, task: str, scheme: str, seed: int) -> Relf
     return model.eval()
 
 
-def run_experiment(settings: DemoSettings, progress: bool = True) -> tuple[list[dict], dict]:
+def position_table_rows(model: RelformerForCausalLM) -> int | None:
+    """How many positions the model can read, or None when any length works."""
+    if POSITION_SCHEMES[model.config.position_embedding_type][0] is LearnedPositions:
+        return model.config.max_position_embeddings
+    return None
+
+
+def mean_and_spread(values: list[float | None]) -> tuple[float, float] | None:
+    """Mean and population standard deviation over seeds; None when any is missing (n/a)."""
+    if any(value is None for value in values):
+        return None
+    return statistics.mean(values), statistics.pstdev(values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Part 1: extrapolation on real text
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    """Character ids of the training and the held-out play; id 0 is `<unk>`, id 1 `<s>`."""
+
+    train: torch.Tensor  # [N_train]
+    held_out: torch.Tensor  # [N_eval]
+    vocab_size: int
+
+    @classmethod
+    def load(cls, train_file: Path = TEXTS / "hamlet.txt", eval_file: Path = TEXTS / "macbeth.txt") -> "Corpus":
+        missing = [str(path) for path in (train_file, eval_file) if not path.is_file()]
+        if missing:
+            raise OSError(f"the demo's text is missing: {', '.join(missing)} (install from a source checkout)")
+        train_text, eval_text = train_file.read_text(encoding="utf-8"), eval_file.read_text(encoding="utf-8")
+        ids = {char: index + 2 for index, char in enumerate(sorted(set(train_text)))}
+        encode_text = lambda text: torch.tensor([ids.get(char, 0) for char in text])  # noqa: E731
+        return cls(encode_text(train_text), encode_text(eval_text), len(ids) + 2)
+
+
+TEXT_BOS = 1
+
+
+def with_bos(windows: torch.Tensor) -> torch.Tensor:
+    """`[B, L]` -> `[B, 1 + L]` with `<s>` in front."""
+    return torch.cat([torch.full((windows.shape[0], 1), TEXT_BOS), windows], dim=1)
+
+
+def text_batches(corpus: Corpus, settings: DemoSettings, seed: int) -> Iterator[dict]:
+    """Random windows of `context` characters of the training play, each after `<s>`; every character is a label."""
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(settings.context)
+    while True:
+        starts = torch.randint(
+            0, len(corpus.train) - settings.context, (settings.text_batch_size, 1), generator=generator
+        )
+        batch = with_bos(corpus.train[starts + offsets])
+        yield {"input_ids": batch, "labels": batch}
+
+
+def evaluated_text(corpus: Corpus, settings: DemoSettings) -> torch.Tensor:
+    """The first `eval_characters` held-out characters, cut to a multiple of the longest evaluation window."""
+    longest = settings.context * max(settings.text_multipliers)
+    count = min(settings.eval_characters, len(corpus.held_out)) // longest * longest
+    if count == 0:
+        raise ValueError(f"the held-out text is shorter than one evaluation window of {longest} characters")
+    return corpus.held_out[:count]
+
+
+@torch.no_grad()
+def perplexity(model: RelformerForCausalLM, text: torch.Tensor, window: int) -> float | None:
+    """Perplexity over every character of `text` `[N]` (N a multiple of `window`), read in non-overlapping windows
+    after `<s>`; None where the windows do not fit the model's position table."""
+    rows = position_table_rows(model)
+    if rows is not None and window + 1 > rows:
+        return None
+    windows = with_bos(text.view(-1, window))
+    total = 0.0
+    for chunk in windows.split(max(1, 8192 // window)):
+        logits = model(chunk).logits[:, :-1]
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
+    return math.exp(total / text.numel())
+
+
+def run_text_part(settings: DemoSettings, corpus: Corpus, progress: bool) -> list[dict]:
+    """Train one LM per (scheme, seed) and score it at every multiple of the context; one record per run."""
+    text = evaluated_text(corpus, settings)
+    records = []
+    runs = [(scheme, seed) for scheme in settings.schemes for seed in settings.seeds]
+    for scheme, seed in tqdm(runs, desc="part 1: text", disable=not progress):
+        start = time.perf_counter()
+        torch.manual_seed(seed)
+        # token embeddings scaled by sqrt(hidden): unscaled (std 0.02 at init), a sinusoidal table (amplitude 1)
+        # drowns them and that model learns no text in this budget
+        model = RelformerForCausalLM(settings.config(scheme, corpus.vocab_size, settings.context + 1, True))
+        model = train(model, text_batches(corpus, settings, seed), settings)
+        check_cached_decoding(model, with_bos(text[: 4 * (settings.context // 2)].view(4, -1)))
+        scores = {m: perplexity(model, text, m * settings.context) for m in settings.text_multipliers}
+        records.append({"scheme": scheme, "seed": seed, "seconds": time.perf_counter() - start,
+                        "perplexity": scores})  # fmt: skip
+    return records
+
+
+def summarize_text(records: list[dict], settings: DemoSettings) -> list[dict]:
+    """One row per scheme: multiplier -> (mean, spread) of perplexity over seeds, or None (n/a)."""
+    rows = []
+    for scheme in settings.schemes:
+        runs = [r for r in records if r["scheme"] == scheme]
+        rows.append({"scheme": scheme} | {m: mean_and_spread([r["perplexity"][m] for r in runs])
+                                          for m in settings.text_multipliers})  # fmt: skip
+    return rows
+
+
+def text_table(rows: list[dict], settings: DemoSettings) -> str:
+    header = ["scheme", *[f"ppl @ {m}x ({m * settings.context})" for m in settings.text_multipliers]]
+    lines = table_head(header)
+    for row in rows:
+        cells = [row["scheme"], *[format_cell(row[m], settings, "{:.2f}") for m in settings.text_multipliers]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Part 2: algorithmic length generalization
+# ---------------------------------------------------------------------------------------------------------------
+
+SYMBOLS = [str(d) for d in range(10)] + ["-"]
+SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+VOCAB = {token: index for index, token in enumerate([*SPECIAL.values(), *SYMBOLS])}
+PAD, BOS, EOS = (VOCAB[t] for t in SPECIAL.values())
+
+# task -> output symbols from input digits (every output reads at most the last two inputs)
+TASKS: dict[str, Callable[[list[int]], list[str]]] = {
+    "delay": lambda x: ["-" if i < 2 else str(x[i - 2]) for i in range(len(x))],
+    "pairsum": lambda x: [str((x[i] + (x[i - 1] if i else 0)) % 10) for i in range(len(x))],
+}
+
+
+def make_problem(task: str, size: int, rng: random.Random) -> tuple[list[str], list[str]]:
+    """(input digits, output symbols) of one problem with `size` inputs."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    digits = [rng.randrange(10) for _ in range(size)]
+    return [str(d) for d in digits], TASKS[task](digits)
+
+
+def interleave(inputs: list[str], outputs: list[str]) -> list[str]:
+    """`x1 y1 x2 y2 ...`: every input followed by its output."""
+    return [symbol for pair in zip(inputs, outputs, strict=True) for symbol in pair]
+
+
+def encode(symbols: list[str]) -> list[int]:
+    return [VOCAB[s] for s in symbols]
+
+
+def problem_ids(inputs: list[str], outputs: list[str]) -> tuple[list[int], list[int]]:
+    """Token ids `<s> x1 y1 ...` and labels (the outputs; -100 on `<s>` and the inputs)."""
+    ids = [BOS, *encode(interleave(inputs, outputs))]
+    return ids, [token if i and i % 2 == 0 else -100 for i, token in enumerate(ids)]
+
+
+def training_batch(task: str, train_length: int, batch_size: int, rng: random.Random) -> dict[str, torch.Tensor]:
+    """Right-padded `[B, L]` input_ids, attention_mask and labels (-100 on `<s>`, the inputs and the padding)."""
+    rows = [problem_ids(*make_problem(task, rng.randint(1, train_length), rng)) for _ in range(batch_size)]
+    length = max(len(ids) for ids, _ in rows)
+    return {
+        "input_ids": torch.tensor([ids + [PAD] * (length - len(ids)) for ids, _ in rows]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in rows]),
+        "labels": torch.tensor([labels + [-100] * (length - len(labels)) for _, labels in rows]),
+    }
+
+
+def task_batches(settings: DemoSettings, task: str, seed: int) -> Iterator[dict]:
+    rng = random.Random(seed)
+    while True:
+        yield training_batch(task, settings.train_length, settings.batch_size, rng)
+
+
+@torch.no_grad()
+def evaluate(model: RelformerForCausalLM, task: str, size: int, count: int, seed: int) -> dict[str, float]:
+    """Exact match of greedy decoding and per-symbol accuracy (teacher forcing) on `count` problems of one size."""
+    rng = random.Random(seed)
+    rows = [problem_ids(*make_problem(task, size, rng)) for _ in range(count)]
+    ids = torch.tensor([r[0] for r in rows])  # one size: no padding
+    predicted = model(ids).logits.argmax(-1)[:, 1::2]  # after <s> x1, <s> x1 y1 x2, ...: the outputs y1, y2, ...
+    correct = predicted == ids[:, 2::2]
+    return {"exact": float(correct.all(-1).float().mean()), "symbol": float(correct.float().mean())}
+
+
+def sanity_prompts(task: str, train_length: int, seed: int) -> torch.Tensor:
+    """`[4, 2 * train_length]` prompts ending with an input, for the decoding check every trained model goes through."""
+    rng = random.Random(seed)
+    return torch.tensor([problem_ids(*make_problem(task, train_length, rng))[0][:-1] for _ in range(4)])
+
+
+def train_one(settings: DemoSettings, task: str, scheme: str, seed: int) -> RelformerForCausalLM:
+    """Train one model on one task; deterministic for a seed. A learned table covers the longest evaluation."""
+    torch.manual_seed(seed)
+    longest = 2 * settings.train_length * max(settings.multipliers) + 1
+    model = RelformerForCausalLM(settings.config(scheme, len(VOCAB), longest))
+    return train(model, task_batches(settings, task, seed), settings)
+
+
+def run_task_part(settings: DemoSettings, progress: bool) -> tuple[list[dict], dict]:
     """Train and evaluate every (task, scheme, seed); returns one record per run and the best model per task."""
     records, best = [], {}
     runs = [(t, s, seed) for t in settings.tasks for s in settings.schemes for seed in settings.seeds]
-    for task, scheme, seed in tqdm(runs, desc="training", disable=not progress):
+    for task, scheme, seed in tqdm(runs, desc="part 2: tasks", disable=not progress):
         start = time.perf_counter()
         model = train_one(settings, task, scheme, seed)
         check_cached_decoding(model, sanity_prompts(task, settings.train_length, seed))
         scores = {
-            m: evaluate(model, task, settings.size(task, m), settings.eval_count, seed=10_000 + seed)
+            m: evaluate(model, task, settings.train_length * m, settings.eval_count, seed=10_000 + seed)
             for m in settings.multipliers
         }
         records.append({"task": task, "scheme": scheme, "seed": seed, "seconds": time.perf_counter() - start,
@@ -179,59 +334,161 @@ def run_experiment(settings: DemoSettings, progress: bool = True) -> tuple[list[
 
 
 def summarize(records: list[dict], settings: DemoSettings) -> list[dict]:
-    """Mean and spread (population std) of exact-match accuracy over seeds, one row per (task, scheme)."""
+    """Mean and spread of exact match over seeds, and mean per-symbol accuracy, one row per (task, scheme)."""
     rows = []
     for task in settings.tasks:
         for scheme in settings.schemes:
             runs = [r for r in records if r["task"] == task and r["scheme"] == scheme]
             row = {"task": task, "scheme": scheme}
             for m in settings.multipliers:
-                values = [r["scores"][m]["exact"] for r in runs]
-                row[f"{m}x"] = (statistics.mean(values), statistics.pstdev(values))
+                row[f"{m}x"] = mean_and_spread([r["scores"][m]["exact"] for r in runs])
                 row[f"{m}x_symbol"] = statistics.mean(r["scores"][m]["symbol"] for r in runs)
             rows.append(row)
     return rows
 
 
 def markdown_table(rows: list[dict], settings: DemoSettings) -> str:
-    spread = len(settings.seeds) > 1
     header = ["task", "scheme", *[f"exact @ {m}x" for m in settings.multipliers]]
-    header += [f"symbols @ {m}x" for m in settings.multipliers]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = table_head(header + [f"symbols @ {m}x" for m in settings.multipliers])
     for row in rows:
-        cells = [row["task"], row["scheme"]]
-        for m in settings.multipliers:
-            mean, std = row[f"{m}x"]
-            cells.append(f"{mean:.2f} ± {std:.2f}" if spread else f"{mean:.2f}")
+        cells = [row["task"], row["scheme"], *[format_cell(row[f"{m}x"], settings) for m in settings.multipliers]]
         cells += [f"{row[f'{m}x_symbol']:.2f}" for m in settings.multipliers]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], settings: DemoSettings) -> bytes:
-    """Accuracy vs length, one line per scheme, one panel per task, as PNG."""
+# ---------------------------------------------------------------------------------------------------------------
+# Tables, plots, report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def table_head(header: list[str]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+
+def format_cell(value: tuple[float, float] | None, settings: DemoSettings, number: str = "{:.2f}") -> str:
+    if value is None:
+        return "n/a"
+    mean, spread = value
+    return f"{number.format(mean)} ± {number.format(spread)}" if len(settings.seeds) > 1 else number.format(mean)
+
+
+def pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise SystemExit("relformer demo needs matplotlib for its plot: pip install 'hf-relformer[demo]'") from error
-    figure, axes = plt.subplots(1, len(settings.tasks), figsize=(4.5 * len(settings.tasks), 3.6), squeeze=False)
-    for axis, task in zip(axes[0], settings.tasks, strict=True):
-        for row in (r for r in rows if r["task"] == task):
-            means = [row[f"{m}x"][0] for m in settings.multipliers]
-            stds = [row[f"{m}x"][1] for m in settings.multipliers]
-            axis.errorbar(settings.multipliers, means, yerr=stds, marker="o", capsize=3, label=row["scheme"])
-        axis.set(title=f"{task} (trained on size ≤ {settings.size(task, 1)})", xlabel="× training length",
-                 ylabel="exact-match accuracy", ylim=(-0.05, 1.05), xticks=settings.multipliers)  # fmt: skip
-        axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
+        raise SystemExit("relformer demo needs matplotlib for its plots: pip install 'hf-relformer[demo]'") from error
+    return plt
+
+
+def png(figure) -> bytes:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
+    pyplot().close(figure)
     return buffer.getvalue()
+
+
+def plot_lines(axis, rows: list[dict], xs: list[int], keys: list) -> None:
+    """One line per row (scheme) with the spread over seeds as error bars; n/a points are left out."""
+    for row in rows:
+        points = [(x, row[key]) for x, key in zip(xs, keys, strict=True) if row[key] is not None]
+        if points:
+            axis.errorbar([x for x, _ in points], [v[0] for _, v in points], yerr=[v[1] for _, v in points],
+                          marker="o", capsize=3, label=row["scheme"])  # fmt: skip
+    axis.grid(alpha=0.3)
+
+
+def plot_accuracy(rows: list[dict], settings: DemoSettings) -> bytes:
+    """Exact match vs length, one line per scheme, one panel per task, as PNG."""
+    figure, axes = pyplot().subplots(1, len(settings.tasks), figsize=(4.5 * len(settings.tasks), 3.6), squeeze=False)
+    for axis, task in zip(axes[0], settings.tasks, strict=True):
+        keys = [f"{m}x" for m in settings.multipliers]
+        plot_lines(axis, [r for r in rows if r["task"] == task], settings.multipliers, keys)
+        axis.set(title=f"{task} (trained on 1–{settings.train_length} inputs)", xlabel="× training length",
+                 ylabel="exact match", ylim=(-0.05, 1.05), xticks=settings.multipliers)  # fmt: skip
+    axes[0][-1].legend(fontsize=8)
+    return png(figure)
+
+
+def plot_perplexity(rows: list[dict], settings: DemoSettings) -> bytes:
+    """Held-out perplexity vs evaluation window (log x), one line per scheme, as PNG."""
+    figure, axis = pyplot().subplots(figsize=(5.5, 3.8))
+    windows = [m * settings.context for m in settings.text_multipliers]
+    plot_lines(axis, rows, windows, settings.text_multipliers)
+    axis.set_xscale("log", base=2)
+    axis.set(title=f"Macbeth, character LM trained on Hamlet at {settings.context}", xlabel="evaluation window "
+             "(characters)", ylabel="perplexity", xticks=windows, xticklabels=[str(w) for w in windows])  # fmt: skip
+    axis.axvline(settings.context, color="gray", linestyle=":", linewidth=1)
+    axis.legend(fontsize=8)
+    return png(figure)
+
+
+def rise(row: dict, settings: DemoSettings) -> float | None:
+    """Relative change of mean perplexity from 1x to the longest evaluated window, or None (n/a)."""
+    first, last = row[settings.text_multipliers[0]], row[settings.text_multipliers[-1]]
+    return None if first is None or last is None else last[0] / first[0] - 1
+
+
+def report(text_rows: list[dict], task_rows: list[dict], settings: DemoSettings, minutes: float) -> str:
+    """report.md: both tables, the setup, and which anchor directions this run reproduced, computed from the numbers."""
+    longest = settings.text_multipliers[-1]
+    rises = {row["scheme"]: rise(row, settings) for row in text_rows}
+    lines = [
+        "# relformer demo: report",
+        "",
+        f"Schemes: {', '.join(settings.schemes)}; seeds {settings.seeds}; {settings.steps} steps per model; "
+        f"{settings.layers} layers, hidden {settings.hidden_size}, {settings.heads} heads, "
+        f"k = {settings.max_distance}, dropout 0; {minutes:.1f} min.",
+        "",
+        f"## 1. Extrapolation: character LM, trained on Hamlet at {settings.context} characters, scored on Macbeth",
+        "",
+        f"Perplexity over the same {settings.eval_characters} characters in every column (non-overlapping windows of "
+        f"n × {settings.context}); mean ± spread over seeds; n/a: past the learned table.",
+        "",
+        text_table(text_rows, settings),
+        "",
+        f"Change from 1x to {longest}x: "
+        + ", ".join(f"{s} {'n/a' if r is None else f'{r:+.0%}'}" for s, r in rises.items())
+        + ".",
+    ]
+    relative = rises.get("relative")
+    for other in ("sinusoidal", "rotary"):
+        if relative is not None and rises.get(other) is not None:
+            verdict = "reproduced" if rises[other] > relative + 0.05 else "not reproduced"
+            lines.append(f"- Press et al. 2022 (clipped relative ~ a bias scheme, flatter than {other} past L): "
+                         f"{verdict} (relative {relative:+.0%}, {other} {rises[other]:+.0%}).")  # fmt: skip
+    lines += [
+        "",
+        f"## 2. Algorithmic: exact match at 1x, 2x, 4x of 1–{settings.train_length} inputs ({settings.eval_count} "
+        "problems per length)",
+        "",
+        markdown_table(task_rows, settings),
+        "",
+    ]
+    if 2 in settings.multipliers:
+        for task in settings.tasks:
+            at_2x = {r["scheme"]: r["2x"][0] for r in task_rows if r["task"] == task}
+            absolute = {s: at_2x[s] for s in ("learned", "sinusoidal") if s in at_2x}
+            if "relative" in at_2x and absolute:
+                met = at_2x["relative"] >= 0.9 and max(absolute.values()) <= 0.1
+                lines.append(f"- {task}, target relative ≥ 0.90 at 2x where learned and sinusoidal ≤ 0.10: "
+                             f"{'met' if met else 'missed'} (relative {at_2x['relative']:.2f}; "
+                             + ", ".join(f"{s} {v:.2f}" for s, v in absolute.items()) + ").")  # fmt: skip
+    lines += [
+        "- Not run here: copy and reverse (their needed distances exceed k at 2x; Kazemnejad et al. 2023 found small "
+        "models fail at copy with every scheme), and schemes not in the registry of this version.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The best model, its card, and the whole run
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -247,13 +504,14 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 def model_card(settings: DemoSettings, table: str, task: str, scheme: str, seed: int) -> str:
     template = (Path(__file__).parent / "model_cards" / "demo.md").read_text(encoding="utf-8")
+    inputs, outputs = make_problem(task, 5, random.Random(0))
     return template.format(
         task=task, scheme=scheme, seed=seed, table=table, settings=json.dumps(asdict(settings), indent=2),
-        example=" ".join(make_problem(task, 5, random.Random(0))[0]),
+        example="".join(interleave(inputs, outputs)[:-1]), answer=outputs[-1],
     )  # fmt: skip
 
 
-OUTPUTS = ("accuracy.png", "results.json", "best-model")  # what the demo writes in its output folder
+OUTPUTS = ("accuracy.png", "perplexity.png", "results.json", "report.md", "best-model")  # what the demo writes
 
 
 def output_problem(output: Path) -> str | None:
@@ -271,40 +529,49 @@ def output_problem(output: Path) -> str | None:
 
 
 def run_demo(settings: DemoSettings, output: Path, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
-    """The whole demo: train, evaluate, table + plot, save the best model with a card, reload it, generate.
+    """The whole demo: both parts, tables, plots and report, the best task model saved with a card, reloaded through
+    `AutoModelForCausalLM` and run in `pipeline("text-generation")`.
 
-    `output` gets accuracy.png, results.json and best-model/ in one atomic step at the end: an interrupted or failed
-    run leaves a previous output folder exactly as it was."""
+    `output` gets accuracy.png, perplexity.png, results.json, report.md and best-model/ in one atomic step at the
+    end: an interrupted or failed run leaves a previous output folder exactly as it was."""
     output = Path(output)
     problem = output_problem(output)
     if problem:
         raise ValueError(problem)
     started = time.perf_counter()
-    records, best = run_experiment(settings, progress)
-    rows = summarize(records, settings)
-    table = markdown_table(rows, settings)
+    text_records = run_text_part(settings, Corpus.load(), progress)
+    text_rows = summarize_text(text_records, settings)
+    echo(text_table(text_rows, settings))
+    task_records, best = run_task_part(settings, progress)
+    task_rows = summarize(task_records, settings)
+    table = markdown_table(task_rows, settings)
     echo(table)
-    png = plot(rows, settings)
-    results = json.dumps({"settings": asdict(settings), "runs": records}, indent=2)
+    minutes = (time.perf_counter() - started) / 60
+    accuracy_png, perplexity_png = plot_accuracy(task_rows, settings), plot_perplexity(text_rows, settings)
+    results = json.dumps({"settings": asdict(settings), "text_runs": text_records, "runs": task_records,
+                          "minutes": minutes}, indent=2)  # fmt: skip
 
     task = settings.tasks[0]
     scheme, seed, model = best[task]
-    card = ExtraFiles({"README.md": model_card(settings, table, task, scheme, seed), "accuracy.png": png})
+    card = ExtraFiles({"README.md": model_card(settings, table, task, scheme, seed), "accuracy.png": accuracy_png})
     best_model = Subfolder("best-model", model, char_tokenizer(), card)
-    save_pretrained_atomically(output, ExtraFiles({"accuracy.png": png, "results.json": results}), best_model)
+    files = {"accuracy.png": accuracy_png, "perplexity.png": perplexity_png, "results.json": results,
+             "report.md": report(text_rows, task_rows, settings, minutes)}  # fmt: skip
+    save_pretrained_atomically(output, ExtraFiles(files), best_model)
     model_dir = output / "best-model"
     echo(f"best on {task} (2x, then 1x): {scheme} (seed {seed}), saved to {model_dir}")
     reloaded = AutoModelForCausalLM.from_pretrained(model_dir)
     generator = pipeline("text-generation", model=str(model_dir))
     rng = random.Random(1)
     examples = []
-    for size in (settings.size(task, 1), settings.size(task, 2)):
-        prompt, answer = make_problem(task, size, rng)
-        text = generator("".join(prompt), max_new_tokens=len(answer) + 1, do_sample=False)[0]["generated_text"]
-        examples.append({"prompt": "".join(prompt), "expected": "".join(answer), "generated": text[len(prompt) :]})
-        echo(f"  {''.join(prompt)} -> {text[len(prompt) :]}   (expected {''.join(answer)})")
-    summary = {"table": table, "best": {"task": task, "scheme": scheme, "seed": seed},
-               "reloaded_class": type(reloaded).__name__, "examples": examples,
-               "minutes": (time.perf_counter() - started) / 60}  # fmt: skip
-    echo(f"done in {summary['minutes']:.1f} min; table, accuracy.png and results.json in {output}")
+    for size in (settings.train_length, 2 * settings.train_length):
+        inputs, outputs = make_problem(task, size, rng)
+        prompt = "".join(interleave(inputs, outputs)[:-1])
+        text = generator(prompt, max_new_tokens=1, do_sample=False)[0]["generated_text"]
+        examples.append({"prompt": prompt, "expected": outputs[-1], "generated": text[len(prompt) :]})
+        echo(f"  {prompt} -> {text[len(prompt) :]}   (expected {outputs[-1]})")
+    summary = {"text_table": text_table(text_rows, settings), "table": table,
+               "best": {"task": task, "scheme": scheme, "seed": seed}, "reloaded_class": type(reloaded).__name__,
+               "examples": examples, "minutes": (time.perf_counter() - started) / 60}  # fmt: skip
+    echo(f"done in {summary['minutes']:.1f} min; tables in report.md, plots and results.json in {output}")
     return summary

@@ -267,8 +267,8 @@ def converted(sources, tmp_path_factory) -> Path:
     return output
 
 
-DEMO_FLAGS = ["--tasks", "copy", "--schemes", "relative", "--seeds", "0", "--steps", "2", "--eval-count", "2"]
-DEMO_FLAGS += ["--train-length", "2", "--lengths", "1", "--no-progress"]
+DEMO_FLAGS = ["--tasks", "delay", "--schemes", "relative", "--seeds", "0", "--steps", "2", "--eval-count", "2"]
+DEMO_FLAGS += ["--train-length", "2", "--lengths", "1", "--text-lengths", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
