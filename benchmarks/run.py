@@ -40,6 +40,7 @@ from hf_relformer import (
     RelformerModel,
 )
 from hf_relformer.modeling_relformer import RelformerAttention
+from hf_relformer.positions_relformer import scheme_variants
 from hf_relformer.saving import write_atomically
 
 from .naive_shaw import gathered_relative_logits, naive_shaw_attention, skewed_relative_logits
@@ -50,14 +51,7 @@ SHAPES = {
     "full": dict(vocab_size=32000, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
     "quick": dict(vocab_size=8000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024),
 }
-SCHEMES = {
-    "relative": dict(position_embedding_type="relative"),
-    "relative+values": dict(position_embedding_type="relative", relative_attention_values=True),
-    "sinusoidal": dict(position_embedding_type="sinusoidal"),
-    "learned": dict(position_embedding_type="learned"),
-    "rotary": dict(position_embedding_type="rotary"),
-    "none": dict(position_embedding_type="none"),
-}
+SCHEMES = scheme_variants(featured_only=True)  # every scheme, and relative with values
 
 
 @dataclass
@@ -87,7 +81,6 @@ def make_row(case_id: str, what: str, ours: float, theirs: float, unit: str, tar
 def relformer_config(shape: dict, scheme: str, **overrides) -> RelformerConfig:
     values = dict(
         **shape,
-        **SCHEMES[scheme],
         relative_attention_max_distance=MAX_DISTANCE,
         max_position_embeddings=8192,
         hidden_act="gelu_new",
@@ -97,7 +90,7 @@ def relformer_config(shape: dict, scheme: str, **overrides) -> RelformerConfig:
         bos_token_id=1,
         eos_token_id=2,
     )
-    return RelformerConfig(**values | overrides)
+    return RelformerConfig(**values | SCHEMES[scheme] | overrides)  # a scheme's own settings (t5's) win
 
 
 def relformer_lm(shape: dict, scheme: str, **overrides) -> RelformerForCausalLM:

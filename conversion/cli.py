@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from hf_relformer.cli import run_command
-from hf_relformer.configuration_relformer import POSITION_EMBEDDING_TYPES
+from hf_relformer.positions_relformer import POSITION_SCHEMES
 from hf_relformer.saving import output_problem
 
 from .api import SOURCES, convert
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument(
         "--position-embedding-type",
-        choices=POSITION_EMBEDDING_TYPES,
+        choices=tuple(POSITION_SCHEMES),
         help="re-initialise positions with this scheme for fine-tuning (outputs then differ from the source)",
     )
     parser.add_argument("--relative-attention-max-distance", type=int, metavar="K", help="k of relative positions")

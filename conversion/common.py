@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from hf_relformer import RelformerConfig, modeling_relformer
+from hf_relformer.positions_relformer import POSITION_SCHEMES
 from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
 
 TOLERANCE = 1e-4
@@ -573,8 +574,11 @@ def finish(
             config_kwargs["position_embedding_type"] = options.position_embedding_type
         if options.relative_attention_max_distance is not None:
             config_kwargs["relative_attention_max_distance"] = options.relative_attention_max_distance
-        if config_kwargs.get("position_embedding_type") != "relative":
-            config_kwargs.pop("relative_attention_key_query", None)
+        scheme = POSITION_SCHEMES[config_kwargs.get("position_embedding_type")]
+        for other in POSITION_SCHEMES.values():
+            if other is not scheme:  # the switches of the source's scheme do not carry over
+                for name in other.switches:
+                    config_kwargs.pop(name, None)
         mapped = {name: t for name, t in mapped.items() if not _is_position_tensor(name)}
     config = relformer_config(**config_kwargs)
     torch.manual_seed(0)  # re-initialised positions are reproducible
@@ -588,7 +592,8 @@ def finish(
 
 
 def _is_position_tensor(name: str) -> bool:
-    return "embed_positions." in name or ".position.relative_" in name
+    """Whether a Relformer tensor belongs to a position scheme (any of them: the source's, before re-initialising)."""
+    return any(scheme.is_parameter(name) for scheme in POSITION_SCHEMES.values())
 
 
 def is_hub_name(name: str) -> bool:

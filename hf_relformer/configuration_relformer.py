@@ -1,6 +1,7 @@
 """Configuration of Relformer: one config class for the decoder-only, encoder-only and encoder-decoder forms.
 
-This file is shipped with every saved checkpoint (remote code): it imports only the standard library and transformers.
+This file is shipped with every saved checkpoint (remote code): it imports only the standard library, transformers and
+its sibling `positions_relformer.py` (the position schemes own their config checks).
 """
 
 import re
@@ -8,8 +9,9 @@ import re
 import transformers
 from transformers import GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import logging
+
+from .positions_relformer import POSITION_SCHEMES
 
 logger = logging.get_logger(__name__)
 
@@ -22,12 +24,10 @@ CODE_VERSION_KEY = "relformer_code_version"
 # argument, which broke the code of checkpoints saved before it).
 TESTED_TRANSFORMERS = "5.24"
 
-POSITION_EMBEDDING_TYPES = ("relative", "sinusoidal", "learned", "rotary", "none")
+POSITION_EMBEDDING_TYPES = tuple(POSITION_SCHEMES)  # the registry's names
 LAYER_NORM_POSITIONS = ("pre", "post")
 NORM_TYPES = ("layer_norm", "rms_norm")
 FEED_FORWARD_TYPES = ("plain", "gated")
-# Every rotary variant of the installed transformers (dynamic and longrope update their frequencies at run time).
-ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
 
 # Fields checked by `RelformerConfig.validate` by kind (the others have their own checks there).
 POSITIVE_INT_FIELDS = (
@@ -111,6 +111,7 @@ class RelformerConfig(PreTrainedConfig):
       learned positions are limited to `max_position_embeddings`.
     - `"rotary"`: rotary embeddings on queries and keys (`rope_parameters`).
     - `"none"`: no position information (causal masking alone).
+    The schemes are objects in `positions_relformer.POSITION_SCHEMES`; README's table lists them all.
 
     Architecture switches: `layer_norm_position` ("pre" or "post"), `norm_type` ("layer_norm" or "rms_norm"),
     `feed_forward_type` ("plain" or "gated", gated = GLU such as SwiGLU with `hidden_act="silu"`),
@@ -227,13 +228,6 @@ class RelformerConfig(PreTrainedConfig):
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})."
             )
-        if self.relative_attention_key_query and (self.is_decoder or self.is_encoder_decoder):
-            raise ValueError(
-                "relative_attention_key_query=True is supported in encoders only (is_decoder=False, "
-                "is_encoder_decoder=False)."
-            )
-        if self.relative_attention_key_query and self.num_key_value_heads != self.num_attention_heads:
-            raise ValueError("relative_attention_key_query=True needs num_key_value_heads == num_attention_heads.")
         if (
             isinstance(self.type_vocab_size, bool)
             or not isinstance(self.type_vocab_size, int)
@@ -242,18 +236,16 @@ class RelformerConfig(PreTrainedConfig):
             raise ValueError(f"type_vocab_size must be a non-negative integer, got {self.type_vocab_size!r}.")
         if self.final_layer_norm not in (None, True, False):
             raise ValueError(f"final_layer_norm must be true, false or null, got {self.final_layer_norm!r}.")
-        for name in ("relative_attention_values", "relative_attention_per_head", "relative_attention_key_query"):
-            if getattr(self, name) and self.position_embedding_type != "relative":
-                raise ValueError(
-                    f"{name}=True needs position_embedding_type='relative', got {self.position_embedding_type!r}."
-                )
-        if self.position_embedding_type in ("sinusoidal", "rotary") and self.head_dim_for_positions % 2:
-            raise ValueError(
-                f"position_embedding_type={self.position_embedding_type!r} needs an even size, got "
-                f"{self.head_dim_for_positions} (hidden_size / num_attention_heads for rotary, hidden_size for "
-                "sinusoidal)."
-            )
-        self._validate_rope_parameters()
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            raise ValueError(f"rope_parameters must be a dict or null, got {self.rope_parameters!r}.")
+        for scheme in POSITION_SCHEMES.values():
+            for name in scheme.switches:
+                if getattr(self, name) and self.position_embedding_type != scheme.name:
+                    raise ValueError(
+                        f"{name}=True needs position_embedding_type={scheme.name!r}, got "
+                        f"{self.position_embedding_type!r}."
+                    )
+        self.position_scheme.check(self)
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value < 1.0:
@@ -263,20 +255,6 @@ class RelformerConfig(PreTrainedConfig):
             if not _is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
         self._validate_token_ids()
-
-    def _validate_rope_parameters(self) -> None:
-        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
-            raise ValueError(f"rope_parameters must be a dict or null, got {self.rope_parameters!r}.")
-        if self.position_embedding_type != "rotary":
-            return
-        _require_choice("rope_parameters['rope_type']", self.rope_parameters.get("rope_type", "default"), ROPE_TYPES)
-        theta = self.rope_parameters.get("rope_theta")
-        if not _is_number(theta) or theta <= 0:
-            raise ValueError(f"rope_parameters['rope_theta'] must be a positive number, got {theta!r}.")
-        try:  # transformers' own check of the keys each rope_type needs (e.g. 'factor')
-            self.validate_rope()
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"rope_parameters {self.rope_parameters!r} are invalid: {error}") from None
 
     def _validate_token_ids(self) -> None:
         """Special token ids must be in the vocabulary: the embedding reads `pad_token_id` as its padding row and
@@ -309,9 +287,9 @@ class RelformerConfig(PreTrainedConfig):
         return self.final_layer_norm
 
     @property
-    def head_dim_for_positions(self) -> int:
-        """The size a sinusoidal table (hidden size) or a rotation (head size) spans."""
-        return self.head_dim if self.position_embedding_type == "rotary" else self.hidden_size
+    def position_scheme(self):
+        """The `PositionScheme` of `position_embedding_type` (see `positions_relformer.POSITION_SCHEMES`)."""
+        return POSITION_SCHEMES[self.position_embedding_type]
 
 
 def _warn_about_unknown_fields(kwargs: dict) -> None:

@@ -36,24 +36,15 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
 from .checks import check_cached_decoding
 from .configuration_relformer import RelformerConfig
 from .modeling_relformer import RelformerForCausalLM
-from .positions_relformer import POSITION_SCHEMES, LearnedPositions
+from .positions_relformer import POSITION_SCHEMES, LearnedPositions, scheme_variants
 from .saving import ExtraFiles, Subfolder, save_pretrained_atomically
 from .saving import output_problem as _folder_problem
 
 TEXTS = Path(__file__).resolve().parents[1] / "examples" / "data" / "shakespeare"
 
 
-def registry_schemes() -> dict[str, dict]:
-    """Scheme name -> config overrides: every entry of `POSITION_SCHEMES`, and relative with Shaw's values term."""
-    schemes = {}
-    for name in POSITION_SCHEMES:
-        schemes[name] = {"position_embedding_type": name}
-        if name == "relative":
-            schemes["relative_values"] = {"position_embedding_type": name, "relative_attention_values": True}
-    return schemes
-
-
-SCHEMES = registry_schemes()
+# scheme name -> config overrides: every scheme of the registry and its featured variants (relative values)
+SCHEMES = scheme_variants(featured_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,7 +105,7 @@ def train(model: RelformerForCausalLM, batches: Iterator[dict], settings: DemoSe
 
 def position_table_rows(model: RelformerForCausalLM) -> int | None:
     """How many positions the model can read, or None when any length works."""
-    if POSITION_SCHEMES[model.config.position_embedding_type][0] is LearnedPositions:
+    if POSITION_SCHEMES[model.config.position_embedding_type].stack_part is LearnedPositions:
         return model.config.max_position_embeddings
     return None
 

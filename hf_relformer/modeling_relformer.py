@@ -15,7 +15,6 @@ from collections.abc import Callable
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
@@ -38,15 +37,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_relformer import RelformerConfig
-from .positions_relformer import (
-    POSITION_SCHEMES,
-    BucketIndex,
-    NoAttentionPositions,
-    RotaryPositions,
-    ShawRelativeAttention,
-    SinusoidalPositions,
-    relative_values_term,
-)
+from .positions_relformer import DistanceGrid, NoAttentionPositions, attention_scaling, relative_values_term
 
 logger = logging.get_logger(__name__)
 
@@ -181,7 +172,7 @@ def eager_attention_forward(
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
-# Relative attention runs in blocks of query rows whose position bias `[B, H, rows, Lk]` has at most BLOCK_ELEMENTS
+# Every bias scheme runs in blocks of query rows whose position bias `[B, H, rows, Lk]` has at most BLOCK_ELEMENTS
 # elements (2 MB in fp32), so that memory grows like L, not L², beyond short inputs; but never fewer than
 # MIN_BLOCK_ROWS rows, below which per-block overhead dominates (measured: a forward at L = 8192 took 15.8 s with
 # 8-row blocks, 9.7 s with 32-row blocks).
@@ -205,7 +196,7 @@ class RelformerAttention(nn.Module):
         self.is_cross_attention = is_cross_attention
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
+        self.scaling = attention_scaling(config)
         self.attention_dropout = config.attention_dropout
         q_size = config.num_attention_heads * self.head_dim
         kv_size = config.num_key_value_heads * self.head_dim
@@ -213,9 +204,7 @@ class RelformerAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
-        attention_part = (
-            NoAttentionPositions if is_cross_attention else POSITION_SCHEMES[config.position_embedding_type][1]
-        )
+        attention_part = NoAttentionPositions if is_cross_attention else config.position_scheme.attention_part
         self.position = attention_part(config, causal=is_causal)
 
     def forward(
@@ -228,22 +217,18 @@ class RelformerAttention(nn.Module):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states `[B, L, hidden]` (and for cross-attention the encoder output `key_value_states`
-        `[B, Ls, hidden]`) -> (output `[B, L, hidden]`, probabilities `[B, H, L, Lk]` or None)."""
+        `[B, Ls, hidden]`) -> (output `[B, L, hidden]`, probabilities `[B, H, L, Lk]` or None).
+
+        One path for every scheme: project -> the scheme's before-cache hook -> cache -> its bias -> attend."""
         input_shape = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         if self.is_cross_attention:
             key, value = self._cross_key_value(key_value_states, cache)
-            attn_output, attn_weights = self._attend(query, key, value, attention_mask, {}, kwargs)
-        elif isinstance(position_inputs, BucketIndex):  # relative positions read only the query: cache first
-            key, value = self._update_cache(*self._project_key_value(hidden_states), cache)
-            attn_output, attn_weights = self._attend_in_blocks(
-                query, key, value, attention_mask, position_inputs, kwargs
-            )
         else:
             key, value = self._project_key_value(hidden_states)
-            query, key, position_kwargs = self.position(query, key, position_inputs)
+            query, key = self.position.before_cache(query, key, position_inputs)
             key, value = self._update_cache(key, value, cache)
-            attn_output, attn_weights = self._attend(query, key, value, attention_mask, position_kwargs, kwargs)
+        attn_output, attn_weights = self._attend_in_blocks(query, key, value, attention_mask, position_inputs, kwargs)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
@@ -265,24 +250,24 @@ class RelformerAttention(nn.Module):
             **kwargs,
         )
 
-    def _attend_in_blocks(self, query, key, value, attention_mask, index: BucketIndex, kwargs: dict):
-        """Relative attention over blocks of query rows, so that the `[B, H, rows, Lk]` position bias of one block
-        stays under `BLOCK_ELEMENTS` (one block, the whole input, unless the input is long). A causal block reads only
-        the keys up to its last query."""
+    def _attend_in_blocks(self, query, key, value, attention_mask, grid: DistanceGrid | None, kwargs: dict):
+        """Attention with the scheme's bias over blocks of query rows, so that the `[B, H, rows, Lk]` position bias of
+        one block stays under `BLOCK_ELEMENTS` (one block, the whole input, unless the input is long). A causal block
+        reads only the keys up to its last query. Schemes without a bias attend in one call."""
+        if not self.position.adds_bias:
+            return self._attend(query, key, value, attention_mask, {}, kwargs)
         batch, heads, query_length = query.shape[:3]
         key_length = key.shape[2]
         rows = max(min(MIN_BLOCK_ROWS, query_length), BLOCK_ELEMENTS // (batch * heads * key_length))
         if rows >= query_length:
-            _, _, position_kwargs = self.position(query, key, index.block(0, query_length, key_length))
+            position_kwargs = self.position(query, key, grid.block(0, query_length, key_length))
             return self._attend(query, key, value, attention_mask, position_kwargs, kwargs)
-        past = int(index.past_length)  # keys before this forward's queries (a cache)
+        past = int(grid.past_length)  # keys before this forward's queries (a cache)
         outputs, weights = [], []
         for start in range(0, query_length, rows):
             stop = min(start + rows, query_length)
             key_stop = min(past + stop, key_length) if self.is_causal else key_length
-            block_index = index.block(start, stop, key_stop)
             block_query, block_key = query[:, :, start:stop], key[:, :, :key_stop]
-            _, _, position_kwargs = self.position(block_query, block_key, block_index)
             if attention_mask is not None:
                 block_mask = attention_mask[:, :, start:stop, :key_stop]
                 if block_mask.dtype == torch.bool:
@@ -296,8 +281,8 @@ class RelformerAttention(nn.Module):
                 block_mask = block_mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]
             else:
                 block_mask = None
-            if block_mask is not None:  # fold the mask into the bias: the backend then makes no masked copy
-                position_kwargs["position_bias"] = position_kwargs["position_bias"].add_(block_mask)
+            # the mask is folded into the bias: the backend then makes no masked copy
+            position_kwargs = self.position(block_query, block_key, grid.block(start, stop, key_stop), block_mask)
             output, block_weights = self._attend(
                 block_query, block_key, value[:, :, :key_stop], None, position_kwargs, kwargs | {"is_causal": False}
             )
@@ -468,41 +453,29 @@ class RelformerPreTrainedModel(PreTrainedModel):
     def _check_and_adjust_attn_implementation(
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
     ) -> str:
-        """Relformer runs eager and SDPA attention; relative values need the attention probabilities, so such configs
-        run eager attention and refuse others. Any other backend is refused with the ones this config can use."""
+        """Relformer runs the backends its position scheme supports (eager and SDPA, or eager alone where the scheme
+        needs the attention probabilities, e.g. relative values); such a config runs eager attention by itself.
+        Any other backend is refused with the ones this config can use."""
         config = self.config
-        values = config.position_embedding_type == "relative" and config.relative_attention_values
-        supported = ("eager",) if values else ("eager", "sdpa")
-        if isinstance(attn_implementation, str) and attn_implementation not in supported and not values:
+        scheme = config.position_scheme
+        supported = scheme.backends(config)
+        eager_only = supported == ("eager",)
+        if isinstance(attn_implementation, str) and attn_implementation not in supported and not eager_only:
             raise ValueError(
                 f"attn_implementation={attn_implementation!r} is not supported by Relformer (yet); this config "
                 f"(position_embedding_type={config.position_embedding_type!r}) runs "
                 f"{' or '.join(map(repr, supported))}."
             )
-        if values:
+        if eager_only:
             if attn_implementation not in (None, "eager"):
-                raise ValueError(
-                    f"attn_implementation={attn_implementation!r} cannot compute the relative values term "
-                    "(relative_attention_values=True needs the attention probabilities): use 'eager', or set "
-                    "relative_attention_values=False."
-                )
+                raise ValueError(f"attn_implementation={attn_implementation!r} {scheme.backend_reason(config)}")
             attn_implementation = "eager"
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, ShawRelativeAttention):
-            init.normal_(module.relative_key_table, mean=0.0, std=std)
-            if module.relative_value_table is not None:
-                init.normal_(module.relative_value_table, mean=0.0, std=std)
-        elif isinstance(module, SinusoidalPositions):
-            init.copy_(module.inv_freq, module.compute_inv_freq())
-        elif isinstance(module, RotaryPositions):
-            inv_freq = module.compute_inv_freq()[0]
-            init.copy_(module.inv_freq, inv_freq)
-            init.copy_(module.original_inv_freq, inv_freq)
+        self.config.position_scheme.init_weights(module, self.config.initializer_range)
 
 
 def _loading_problems(
@@ -586,7 +559,7 @@ class RelformerStack(RelformerPreTrainedModel):
         self.embed_token_types = (
             nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
         )
-        self.embed_positions = POSITION_SCHEMES[config.position_embedding_type][0](config, causal=is_causal)
+        self.embed_positions = config.position_scheme.stack_part(config, causal=is_causal)
         self.embed_norm = build_norm(config) if config.embedding_layer_norm else None
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(

@@ -1,15 +1,22 @@
-"""Position schemes of Relformer, each a pair of small modules behind one interface.
+"""Position schemes of Relformer: one `PositionScheme` object per scheme, registered in `POSITION_SCHEMES`.
+
+A scheme owns everything about itself: its name and paper, the config fields it reads (their checks), its named
+variants (config overrides used by the tests, the demo and the benchmarks), its two modules, the attention backends
+it supports, its weight init and the names of its tensors (for conversion). Nothing outside this file asks which
+scheme a model uses.
 
 - The *stack part* runs once per forward of a stack of layers:
   `forward(inputs_embeds, position_ids, past_length, key_length) -> (inputs_embeds, layer_inputs)`.
-  Absolute schemes add their table to the embeddings here; rotary computes cos/sin; relative computes the
-  clipped-distance bucket index. `layer_inputs` is handed unchanged to every attention layer.
-- The *attention part* lives in each self-attention module:
-  `forward(query, key, layer_inputs) -> (query, key, attention_kwargs)`.
-  Rotary rotates q and k; relative returns `position_bias` (the keys term) and, if enabled, `relative_values`
-  (the values term, computed by `relative_values_term` inside eager attention).
+  Absolute schemes add their table to the embeddings here; rotary computes cos/sin; the bias schemes build a
+  `DistanceGrid` (distances key - query, turned into what the scheme needs: a bucket index, a bias).
+  `layer_inputs` is handed unchanged to every attention layer.
+- The *attention part* lives in each self-attention module and has two hooks around the key/value cache update:
+  `before_cache(query, key, layer_inputs) -> (query, key)` (rotary rotates q and k), and, when `adds_bias`,
+  `bias(query, key, grid_block, mask) -> attention_kwargs` (run as the module's forward) for a block of query rows
+  against the cached keys (`position_bias`, and for Shaw's values term `relative_values`). Attention runs every
+  bias scheme through one blocked path, so long inputs never hold an `[L, L]` bias.
 
-Adding a scheme means writing its two parts and one line in `POSITION_SCHEMES`.
+Adding a scheme means writing its parts, one `PositionScheme` subclass and one entry in `POSITION_SCHEMES`.
 This file is shipped with every saved checkpoint (remote code): it imports only torch and transformers.
 """
 
@@ -17,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 
@@ -31,13 +39,27 @@ class NoStackPositions(nn.Module):
 
 
 class NoAttentionPositions(nn.Module):
-    """No position term in attention (absolute schemes, `"none"`, and every cross-attention)."""
+    """No position term in attention (absolute schemes, `"none"`, and every cross-attention); the base of every
+    attention part: `before_cache` leaves q and k alone, and a part that sets `adds_bias` defines `bias`."""
+
+    adds_bias = False
 
     def __init__(self, config, causal: bool):
         super().__init__()
 
-    def forward(self, query, key, layer_inputs):
-        return query, key, {}
+    def before_cache(self, query, key, layer_inputs):
+        """query `[B, H, Lq, D]`, this step's key `[B, H_kv, Lq, D]` -> (query, key), before the cache update."""
+        return query, key
+
+    def bias(self, query, key, grid_block, mask=None) -> dict:
+        """query `[B, H, rows, D]`, all keys `[B, H_kv, Lk, D]` and the `DistanceGrid` block `[rows, Lk]` (or its
+        `[H, rows, Lk]` bias) -> attention kwargs with `position_bias` (plus the additive `mask` when given)."""
+        raise NotImplementedError
+
+    def forward(self, query, key, grid_block, mask=None) -> dict:
+        """`bias`, called as the module (`self.position(...)`) so that module hooks run around it: accelerate's
+        offloading (device_map with "disk") loads the tables only then."""
+        return self.bias(query, key, grid_block, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,17 +166,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class RotaryAttentionPositions(nn.Module):
-    """Rotates queries and keys `[B, H, L, D]` by the cos/sin of their positions."""
+class RotaryAttentionPositions(NoAttentionPositions):
+    """Rotates queries and keys `[B, H, L, D]` by the cos/sin of their positions (before the cache update)."""
 
-    def __init__(self, config, causal: bool):
-        super().__init__()
-
-    def forward(self, query, key, layer_inputs):
+    def before_cache(self, query, key, layer_inputs):
         cos, sin = (t.unsqueeze(1) for t in layer_inputs)  # [B or 1, 1, L, D]
         query = query * cos + rotate_half(query) * sin
         key = key * cos + rotate_half(key) * sin
-        return query, key, {}
+        return query, key
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,52 +181,76 @@ class RotaryAttentionPositions(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class BucketIndex:
-    """Bucket index of the clipped distance `clip(j - i, k)` for queries i and keys j, by blocks of query rows.
+class DistanceGrid:
+    """The distances `j - i` between queries i and keys j of one forward, turned into what a bias scheme needs (a
+    bucket index, or the bias itself), by blocks of query rows.
 
-    Queries sit at `past_length + arange(query_length)`, keys at `arange(key_length)`. A causal stack never attends
-    to positive distances, so its tables have `k + 1` rows (distances -k..0) and positive distances map to row k
-    (masked anyway); a bidirectional stack has `2k + 1` rows. The whole `[Lq, Lk]` index is built once per forward
-    when it is small (`WHOLE_LIMIT` entries) and sliced by every layer; beyond that, each block is built when a layer
-    needs it, so a long input never holds an `[L, L]` index.
+    Queries sit at `past_length + arange(query_length)`, keys at `arange(key_length)`; `transform` maps the
+    `[rows, keys]` distances to the scheme's `[rows, keys]` index or `[H, rows, keys]` bias. The whole grid is built
+    once per forward when it is small (`WHOLE_LIMIT` query-key pairs) and sliced by every layer; beyond that, each
+    block is built when a layer needs it, so a long input never holds an `[L, L]` grid.
     """
 
     WHOLE_LIMIT = 2**18
 
-    def __init__(self, query_length, past_length, key_length, max_distance, causal, device):
+    def __init__(self, query_length, past_length, key_length, transform: Callable, device):
         self.query_length, self.past_length, self.key_length = query_length, past_length, key_length
-        self.max_distance, self.causal, self.device = max_distance, causal, device
+        self.transform, self.device = transform, device
         self.whole = self._build(0, query_length, key_length) if query_length * key_length <= self.WHOLE_LIMIT else None
 
     def block(self, start: int, stop: int, key_stop: int) -> torch.Tensor:
-        """`[stop - start, key_stop]`: queries start..stop-1 of this forward against keys 0..key_stop-1."""
+        """`[..., stop - start, key_stop]`: queries start..stop-1 of this forward against keys 0..key_stop-1."""
         if self.whole is not None:
-            return self.whole[start:stop, :key_stop]
+            return self.whole[..., start:stop, :key_stop]
         return self._build(start, stop, key_stop)
 
     def _build(self, start: int, stop: int, key_stop: int) -> torch.Tensor:
         query_positions = torch.arange(start, stop, device=self.device) + self.past_length
         key_positions = torch.arange(key_stop, device=self.device)
-        distance = key_positions[None, :] - query_positions[:, None]
-        k = self.max_distance
-        return distance.clamp(-k, 0 if self.causal else k) + k
+        return self.transform(key_positions[None, :] - query_positions[:, None])
 
 
-class RelativeBuckets(nn.Module):
-    """The stack part of relative positions: a `BucketIndex` shared by every layer of this forward."""
+BucketIndex = DistanceGrid  # its name before the grid served every bias scheme
+
+
+class DistanceGridPositions(nn.Module):
+    """The stack part of a bias scheme: a `DistanceGrid` shared by every layer of this forward, built from
+    `self.transform` (distances `[rows, keys]` -> the scheme's index or bias)."""
 
     def __init__(self, config, causal: bool):
         super().__init__()
-        self.max_distance = config.relative_attention_max_distance
         self.causal = causal
 
     def forward(self, inputs_embeds, position_ids, past_length, key_length):
         query_length, device = inputs_embeds.shape[1], inputs_embeds.device
-        index = BucketIndex(query_length, past_length, key_length, self.max_distance, self.causal, device)
-        return inputs_embeds, index
+        return inputs_embeds, DistanceGrid(query_length, past_length, key_length, self.transform, device)
+
+    def transform(self, distance: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class ShawRelativeAttention(nn.Module):
+# ---------------------------------------------------------------------------------------------------------------
+# Shaw relative positions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RelativeBuckets(DistanceGridPositions):
+    """The stack part of relative positions: the bucket index `clip(j - i, k) + k` of every query-key pair.
+
+    A causal stack never attends to positive distances, so its tables have `k + 1` rows (distances -k..0) and
+    positive distances map to row k (masked anyway); a bidirectional stack has `2k + 1` rows.
+    """
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.max_distance = config.relative_attention_max_distance
+
+    def transform(self, distance: torch.Tensor) -> torch.Tensor:
+        k = self.max_distance
+        return distance.clamp(-k, 0 if self.causal else k) + k
+
+
+class ShawRelativeAttention(NoAttentionPositions):
     """The relative tables of one self-attention layer and the keys term they add.
 
     `relative_key_table` (and `relative_value_table` when `relative_attention_values`) have shape
@@ -216,8 +259,10 @@ class ShawRelativeAttention(nn.Module):
     the key-side product `k_j·a_ij` (same table; encoders only).
     """
 
+    adds_bias = True
+
     def __init__(self, config, causal: bool):
-        super().__init__()
+        super().__init__(config, causal)
         k = config.relative_attention_max_distance
         rows = k + 1 if causal else 2 * k + 1
         shape = (
@@ -227,24 +272,30 @@ class ShawRelativeAttention(nn.Module):
         )
         self.per_head = config.relative_attention_per_head
         self.key_query = config.relative_attention_key_query
-        self.scaling = config.head_dim**-0.5
+        self.scaling = attention_scaling(config)
         self.relative_key_table = nn.Parameter(torch.empty(shape))
         self.relative_value_table = nn.Parameter(torch.empty(shape)) if config.relative_attention_values else None
 
-    def forward(self, query, key, layer_inputs):
-        """query `[B, H, Lq, D]` and the bucket index `[Lq, Lk]` of a block of query rows (see `BucketIndex`) ->
-        `position_bias` `[B, H, Lq, Lk]` (already scaled)."""
-        bucket_index = layer_inputs
+    def bias(self, query, key, grid_block, mask=None):
+        """query `[B, H, Lq, D]` and the bucket index `[Lq, Lk]` of a block of query rows -> `position_bias`
+        `[B, H, Lq, Lk]` (already scaled)."""
+        bucket_index = grid_block
         scores = table_product(query, self.relative_key_table, self.per_head)  # [B, H, Lq, R]
         position_bias = scores.gather(-1, bucket_index.expand(*scores.shape[:2], *bucket_index.shape))
         if self.key_query:
             key_scores = table_product(key, self.relative_key_table, self.per_head)  # [B, H, Lk, R]
             key_index = bucket_index.T.expand(*key_scores.shape[:2], *bucket_index.T.shape)
             position_bias = position_bias + key_scores.gather(-1, key_index).transpose(-1, -2)
-        kwargs = {"position_bias": position_bias.mul_(self.scaling)}  # in place: the gather made a new tensor
+        position_bias = position_bias.mul_(self.scaling)  # in place: the gather made a new tensor
+        kwargs = {"position_bias": position_bias if mask is None else position_bias.add_(mask)}
         if self.relative_value_table is not None:
             kwargs["relative_values"] = (bucket_index, self.relative_value_table, self.per_head)
-        return query, key, kwargs
+        return kwargs
+
+
+def attention_scaling(config) -> float:
+    """The factor of the attention scores: `head_dim**-0.5`, or 1 with `scale_attention_scores=False` (T5)."""
+    return config.head_dim**-0.5 if getattr(config, "scale_attention_scores", True) else 1.0
 
 
 def table_product(query: torch.Tensor, table: torch.Tensor, per_head: bool) -> torch.Tensor:
@@ -271,11 +322,190 @@ def relative_values_term(
     return bucket_weights @ table
 
 
-# position_embedding_type -> (stack part, attention part)
-POSITION_SCHEMES: dict[str, tuple[Callable[..., nn.Module], Callable[..., nn.Module]]] = {
-    "relative": (RelativeBuckets, ShawRelativeAttention),
-    "sinusoidal": (SinusoidalPositions, NoAttentionPositions),
-    "learned": (LearnedPositions, NoAttentionPositions),
-    "rotary": (RotaryPositions, RotaryAttentionPositions),
-    "none": (NoStackPositions, NoAttentionPositions),
+# ---------------------------------------------------------------------------------------------------------------
+# The schemes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PositionScheme:
+    """One position scheme, whole: what the config, the model, the converters, the tests, the demo and the
+    benchmarks need to know about it. Subclasses set the class attributes and override what differs."""
+
+    name = ""
+    where = ""  # where it acts, for the README's table
+    length = ""  # how it behaves with length
+    paper = ""
+    stack_part: type[nn.Module] = NoStackPositions
+    attention_part: type[nn.Module] = NoAttentionPositions
+    switches: tuple[str, ...] = ()  # boolean config fields that need this scheme
+    plain_overrides: dict = {}  # settings of the plain variant in the tests, demo and benchmarks (tiny models)
+    variants: dict[str, dict] = {}  # named variants besides the plain scheme: extra config overrides
+    featured_variants: tuple[str, ...] = ()  # the variants the demo and the benchmarks run too (the tests run all)
+    parameter_names: tuple[str, ...] = ()  # fragments of the names of its tensors (for conversion)
+    translation_invariant = False  # the outputs depend only on distances: shifting every position changes nothing
+    absolute = False  # positions come from `position_ids` (so those change the outputs)
+
+    def check(self, config) -> None:
+        """Raise `ValueError` naming the field for a config this scheme cannot be built with."""
+
+    def backends(self, config) -> tuple[str, ...]:
+        """The attention implementations this scheme can run with this config (the first is the default)."""
+        return ("eager", "sdpa")
+
+    def backend_reason(self, config) -> str:
+        """Why a backend missing from `backends` is missing (for the error message)."""
+        return ""
+
+    def init_weights(self, module: nn.Module, std: float) -> None:
+        """Initialise this scheme's tensors in `module` (called for every module of the model)."""
+
+    def is_parameter(self, name: str) -> bool:
+        """Whether the tensor `name` of a Relformer state dict belongs to this scheme."""
+        return any(fragment in name for fragment in self.parameter_names)
+
+    def named_variants(self) -> dict[str, dict]:
+        """`{variant name: config overrides}`: the plain scheme under its own name, then its variants."""
+        plain = {"position_embedding_type": self.name, **self.plain_overrides}
+        return {self.name: plain} | {name: {**plain, **overrides} for name, overrides in self.variants.items()}
+
+
+def _require_even(config, size: int, what: str) -> None:
+    if size % 2:
+        raise ValueError(
+            f"position_embedding_type={config.position_embedding_type!r} needs an even {what}, got {size}."
+        )
+
+
+class RelativeScheme(PositionScheme):
+    name = "relative"
+    where = "self-attention scores (keys term) and outputs (values term)"
+    length = "any length; distances beyond k share the edge row"
+    paper = "Shaw et al. 2018, Self-Attention with Relative Position Representations; per head: Huang et al. 2018"
+    stack_part = RelativeBuckets
+    attention_part = ShawRelativeAttention
+    switches = ("relative_attention_values", "relative_attention_per_head", "relative_attention_key_query")
+    variants = {
+        "relative_values": {"relative_attention_values": True},
+        "relative_per_head": {"relative_attention_per_head": True},
+        "relative_values_per_head": {"relative_attention_values": True, "relative_attention_per_head": True},
+    }
+    featured_variants = ("relative_values",)
+    parameter_names = (".position.relative_",)
+    translation_invariant = True
+
+    def check(self, config) -> None:
+        if config.relative_attention_key_query and (config.is_decoder or config.is_encoder_decoder):
+            raise ValueError(
+                "relative_attention_key_query=True is supported in encoders only (is_decoder=False, "
+                "is_encoder_decoder=False)."
+            )
+        if config.relative_attention_key_query and config.num_key_value_heads != config.num_attention_heads:
+            raise ValueError("relative_attention_key_query=True needs num_key_value_heads == num_attention_heads.")
+
+    def backends(self, config) -> tuple[str, ...]:
+        return ("eager",) if config.relative_attention_values else ("eager", "sdpa")
+
+    def backend_reason(self, config) -> str:
+        return (
+            "cannot compute the relative values term (relative_attention_values=True needs the attention "
+            "probabilities): use 'eager', or set relative_attention_values=False."
+        )
+
+    def init_weights(self, module: nn.Module, std: float) -> None:
+        if isinstance(module, ShawRelativeAttention):
+            init.normal_(module.relative_key_table, mean=0.0, std=std)
+            if module.relative_value_table is not None:
+                init.normal_(module.relative_value_table, mean=0.0, std=std)
+
+
+class SinusoidalScheme(PositionScheme):
+    name = "sinusoidal"
+    where = "token embeddings"
+    length = "any length"
+    paper = "Vaswani et al. 2017, Attention Is All You Need"
+    stack_part = SinusoidalPositions
+    absolute = True
+
+    def check(self, config) -> None:
+        _require_even(config, config.hidden_size, "hidden_size")
+
+    def init_weights(self, module: nn.Module, std: float) -> None:
+        if isinstance(module, SinusoidalPositions):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+
+
+class LearnedScheme(PositionScheme):
+    name = "learned"
+    where = "token embeddings"
+    length = "up to max_position_embeddings (longer is an error)"
+    paper = "Vaswani et al. 2017; Gehring et al. 2017"
+    stack_part = LearnedPositions
+    parameter_names = ("embed_positions.",)
+    absolute = True
+
+
+class RotaryScheme(PositionScheme):
+    name = "rotary"
+    where = "queries and keys (rotated before the cache)"
+    length = "any length; rope_parameters' scaling types for extrapolation"
+    paper = "Su et al. 2021, RoFormer: Enhanced Transformer with Rotary Position Embedding"
+    stack_part = RotaryPositions
+    attention_part = RotaryAttentionPositions
+    translation_invariant = True
+
+    def check(self, config) -> None:
+        _require_even(config, config.head_dim, "head_dim (hidden_size / num_attention_heads)")
+        rope = config.rope_parameters
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"rope_parameters['rope_type'] must be one of {', '.join(map(repr, ROPE_TYPES))}; got {rope_type!r}."
+            )
+        theta = rope.get("rope_theta")
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+            raise ValueError(f"rope_parameters['rope_theta'] must be a positive number, got {theta!r}.")
+        try:  # transformers' own check of the keys each rope_type needs (e.g. 'factor')
+            config.validate_rope()
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"rope_parameters {rope!r} are invalid: {error}") from None
+
+    def init_weights(self, module: nn.Module, std: float) -> None:
+        if isinstance(module, RotaryPositions):
+            inv_freq = module.compute_inv_freq()[0]
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+
+
+class NoPositionScheme(PositionScheme):
+    name = "none"
+    where = "nowhere (causal masking alone)"
+    length = "any length"
+    paper = "Haviv et al. 2022, Transformer Language Models without Positional Encodings Still Learn Positional..."
+    translation_invariant = True
+
+
+# Every rotary variant of the installed transformers (dynamic and longrope update their frequencies at run time).
+ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
+
+# position_embedding_type -> its scheme
+POSITION_SCHEMES: dict[str, PositionScheme] = {
+    scheme.name: scheme
+    for scheme in (
+        RelativeScheme(),
+        SinusoidalScheme(),
+        LearnedScheme(),
+        RotaryScheme(),
+        NoPositionScheme(),
+    )
 }
+
+
+def scheme_variants(featured_only: bool = False) -> dict[str, dict]:
+    """`{variant name: config overrides}` of every scheme (the tests' table), or with `featured_only` of each plain
+    scheme and its featured variants (the demo's and the benchmarks')."""
+    return {
+        name: overrides
+        for scheme in POSITION_SCHEMES.values()
+        for name, overrides in scheme.named_variants().items()
+        if not featured_only or name == scheme.name or name in scheme.featured_variants
+    }

@@ -15,25 +15,14 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 import hf_relformer  # noqa: F401  (registers the Auto classes)
 from hf_relformer import RelformerConfig, RelformerForCausalLM, RelformerForConditionalGeneration, RelformerModel
 from hf_relformer.modeling_relformer import repeat_kv
+from hf_relformer.positions_relformer import POSITION_SCHEMES, PositionScheme, scheme_variants
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("RELFORMER_ASSETS", REPO_ROOT / "assets"))
 
-# Every position scheme, as config overrides; the relative ones cover keys / keys+values, shared / per-head.
-SCHEMES = {
-    "relative": {"position_embedding_type": "relative"},
-    "relative_values": {"position_embedding_type": "relative", "relative_attention_values": True},
-    "relative_per_head": {"position_embedding_type": "relative", "relative_attention_per_head": True},
-    "relative_values_per_head": {
-        "position_embedding_type": "relative",
-        "relative_attention_values": True,
-        "relative_attention_per_head": True,
-    },
-    "sinusoidal": {"position_embedding_type": "sinusoidal"},
-    "learned": {"position_embedding_type": "learned"},
-    "rotary": {"position_embedding_type": "rotary"},
-    "none": {"position_embedding_type": "none"},
-}
+# Every position scheme and its named variants (relative: keys / keys+values, shared / per-head), as config
+# overrides, from the registry.
+SCHEMES = scheme_variants()
 
 
 def tiny_config(**overrides) -> RelformerConfig:
@@ -54,6 +43,15 @@ def tiny_config(**overrides) -> RelformerConfig:
     )
     values.update(overrides)
     return RelformerConfig(**values)
+
+
+def scheme_of(variant: str) -> PositionScheme:
+    """The registry's scheme object of a variant name of `SCHEMES`."""
+    return POSITION_SCHEMES[SCHEMES[variant]["position_embedding_type"]]
+
+
+# The variants that run SDPA attention (the others, eager alone)
+SDPA_SCHEMES = [name for name in SCHEMES if "sdpa" in scheme_of(name).backends(tiny_config(**SCHEMES[name]))]
 
 
 @torch.no_grad()

@@ -18,11 +18,10 @@ from hf_relformer import (
 )
 from hf_relformer.saving import save_pretrained_atomically
 
-from helpers import SCHEMES, redraw_weights, tiny_config
+from helpers import SCHEMES, SDPA_SCHEMES, redraw_weights, tiny_config
 
 IDS = torch.tensor([[5, 17, 33, 8, 41, 12, 7, 19], [9, 23, 4, 50, 3, 0, 0, 0]])
 MASK = (IDS != 0).long()
-SDPA_SCHEMES = [name for name, overrides in SCHEMES.items() if not overrides.get("relative_attention_values")]
 
 
 def encoder(head=RelformerModel, scheme="relative", seed=0, **overrides):

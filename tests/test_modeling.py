@@ -9,10 +9,9 @@ from transformers import DynamicCache
 from hf_relformer import RelformerForCausalLM, RelformerForConditionalGeneration, RelformerModel
 from hf_relformer.modeling_relformer import cache_of
 
-from helpers import SCHEMES, redraw_weights, tiny_config, tiny_lm
+from helpers import SCHEMES, SDPA_SCHEMES, redraw_weights, tiny_config, tiny_lm
 
 IDS = torch.tensor([[5, 17, 33, 8, 41, 12, 7, 19], [9, 23, 4, 50, 3, 3, 61, 2]])
-SDPA_SCHEMES = [name for name, overrides in SCHEMES.items() if not overrides.get("relative_attention_values")]
 
 
 @pytest.mark.parametrize("scheme", SDPA_SCHEMES)

@@ -34,16 +34,15 @@ from hf_relformer import (
     modeling_relformer,
 )
 from hf_relformer.modeling_relformer import cache_of
-from hf_relformer.positions_relformer import BucketIndex
+from hf_relformer.positions_relformer import DistanceGrid
 
-from helpers import SCHEMES, assert_attention_matches_naive, redraw_weights, tiny_config
+from helpers import SCHEMES, assert_attention_matches_naive, redraw_weights, scheme_of, tiny_config
 
 VOCAB = 64  # tiny_config's vocabulary; ids 0-2 are pad, bos, eos
 PAD = 0
 MAX_LENGTH = 12
-RELATIVE_SCHEMES = [name for name in SCHEMES if name.startswith("relative")]
-OFFSET_FREE_SCHEMES = [*RELATIVE_SCHEMES, "none", "rotary"]
-ABSOLUTE_SCHEMES = ["learned", "sinusoidal"]
+OFFSET_FREE_SCHEMES = [name for name in SCHEMES if scheme_of(name).translation_invariant]  # see distances only
+ABSOLUTE_SCHEMES = [name for name in SCHEMES if scheme_of(name).absolute]
 # The forms a config can take, and the model class whose outputs the logit properties compare.
 FORMS = ("decoder", "encoder", "seq2seq")
 LM_CLASSES = {
@@ -102,7 +101,6 @@ def architectures(draw: st.DrawFn, scheme: str, form: str) -> dict:
         "num_key_value_heads": draw(st.sampled_from([n for n in (1, 2, 4) if heads % n == 0])),
         "head_dim": draw(st.sampled_from((None, 4, 8))),
         "num_hidden_layers": draw(st.integers(1, 2)),
-        "relative_attention_max_distance": draw(st.integers(1, 5)),
         "layer_norm_position": draw(st.sampled_from(("pre", "post"))),
         "norm_type": draw(st.sampled_from(("layer_norm", "rms_norm"))),
         "final_layer_norm": draw(st.sampled_from((None, True, False))),
@@ -116,6 +114,8 @@ def architectures(draw: st.DrawFn, scheme: str, form: str) -> dict:
         "tie_word_embeddings": draw(st.booleans()),
         "is_decoder": form != "encoder",
     }
+    if "relative_attention_max_distance" not in SCHEMES[scheme]:  # t5 keeps its own (above its exact buckets)
+        values["relative_attention_max_distance"] = draw(st.integers(1, 5))
     if form == "seq2seq":
         values.update(
             is_encoder_decoder=True,
@@ -125,7 +125,8 @@ def architectures(draw: st.DrawFn, scheme: str, form: str) -> dict:
         )
     if not values.get("relative_attention_values"):  # relative values run eager attention only
         values["attn_implementation"] = draw(st.sampled_from(("eager", "sdpa")))
-    if scheme.startswith("relative") and form == "encoder" and values["num_key_value_heads"] == heads:
+    key_query = "relative_attention_key_query" in scheme_of(scheme).switches
+    if key_query and form == "encoder" and values["num_key_value_heads"] == heads:
         values["relative_attention_key_query"] = draw(st.booleans())
     if scheme == "rotary":
         values["rope_parameters"] = draw(
@@ -182,7 +183,7 @@ def attention_blocks(rows: int | None, index_per_block: bool) -> Iterator[None]:
             patch.setattr(modeling_relformer, "BLOCK_ELEMENTS", 1)  # block rows = min(MIN_BLOCK_ROWS, Lq)
             patch.setattr(modeling_relformer, "MIN_BLOCK_ROWS", rows)
         if index_per_block:
-            patch.setattr(BucketIndex, "WHOLE_LIMIT", 0)
+            patch.setattr(DistanceGrid, "WHOLE_LIMIT", 0)
         yield
 
 

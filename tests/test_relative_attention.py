@@ -6,7 +6,7 @@ import torch
 
 from hf_relformer import RelformerModel, modeling_relformer
 from hf_relformer.modeling_relformer import cache_of
-from hf_relformer.positions_relformer import BucketIndex
+from hf_relformer.positions_relformer import DistanceGrid
 
 from helpers import assert_attention_matches_naive, naive_shaw_attention, redraw_weights, tiny_config, tiny_lm
 
@@ -49,7 +49,7 @@ def blocks(request, monkeypatch):
     if request.param == "row-blocks":
         monkeypatch.setattr(modeling_relformer, "BLOCK_ELEMENTS", 1)
         monkeypatch.setattr(modeling_relformer, "MIN_BLOCK_ROWS", 1)
-        monkeypatch.setattr(BucketIndex, "WHOLE_LIMIT", 0)
+        monkeypatch.setattr(DistanceGrid, "WHOLE_LIMIT", 0)
     return request.param
 
 
@@ -98,7 +98,7 @@ def test_long_input_blocks_give_the_same_model_outputs_and_generation(scheme, mo
         whole_generated = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
     monkeypatch.setattr(modeling_relformer, "BLOCK_ELEMENTS", 2 * 4 * 12 * 3)  # about 3 query rows per block
     monkeypatch.setattr(modeling_relformer, "MIN_BLOCK_ROWS", 1)
-    monkeypatch.setattr(BucketIndex, "WHOLE_LIMIT", 0)
+    monkeypatch.setattr(DistanceGrid, "WHOLE_LIMIT", 0)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, attention_mask=mask).logits[mask.bool()], whole[mask.bool()])
         prefill = model(ids[:, :9], attention_mask=mask[:, :9], use_cache=True)

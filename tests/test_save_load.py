@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from hf_relformer import (
     RelformerForCausalLM,
@@ -17,7 +17,7 @@ from hf_relformer import (
     RelformerModel,
 )
 
-from helpers import SCHEMES, redraw_weights, run_remote_code, tiny_config, tiny_lm, tiny_seq2seq
+from helpers import REPO_ROOT, SCHEMES, redraw_weights, run_remote_code, tiny_config, tiny_lm, tiny_seq2seq
 
 IDS = torch.tensor([[5, 17, 33, 8, 41, 12, 7, 19]])
 
@@ -109,3 +109,21 @@ def test_remote_code_load_in_a_fresh_process(build, auto_name, inputs, tmp_path)
     if model.can_generate():
         expected = model.generate(IDS, max_new_tokens=10, min_new_tokens=10, do_sample=False)
         assert remote["generated"] == expected.tolist()
+
+
+OLD_CHECKPOINTS = REPO_ROOT / "tests" / "fixtures" / "checkpoints-c6784b5"
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in OLD_CHECKPOINTS.iterdir()))
+def test_checkpoints_saved_before_the_scheme_registry_load_unchanged(name):
+    """Tiny checkpoints of every scheme (and an encoder-decoder) saved by the code before position schemes became
+    registry objects (commit c6784b5; config.json and weights only) load without missing or unused tensors and give
+    the logits recorded when they were saved."""
+    folder = OLD_CHECKPOINTS / name
+    recorded = json.loads((folder / "expected.json").read_text())
+    auto_class = AutoModelForSeq2SeqLM if "seq2seq" in name else AutoModelForCausalLM
+    model = auto_class.from_pretrained(folder).eval()  # refuses missing, unused or misshapen tensors
+    inputs = {key: torch.tensor(value) for key, value in recorded["inputs"].items()}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.testing.assert_close(logits, torch.tensor(recorded["logits"]), atol=1e-6, rtol=0)
