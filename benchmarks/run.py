@@ -90,7 +90,7 @@ def relformer_config(shape: dict, scheme: str, **overrides) -> RelformerConfig:
         bos_token_id=1,
         eos_token_id=2,
     )
-    return RelformerConfig(**values | SCHEMES[scheme] | overrides)  # a scheme's own settings (t5's) win
+    return RelformerConfig(**values | SCHEMES[scheme] | overrides)
 
 
 def relformer_lm(shape: dict, scheme: str, **overrides) -> RelformerForCausalLM:

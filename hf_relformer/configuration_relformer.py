@@ -39,6 +39,7 @@ POSITIVE_INT_FIELDS = (
     "intermediate_size",
     "max_position_embeddings",
     "relative_attention_max_distance",
+    "relative_attention_num_buckets",
 )
 BOOL_FIELDS = (
     "relative_attention_values",
@@ -46,6 +47,8 @@ BOOL_FIELDS = (
     "relative_attention_key_query",
     "attention_bias",
     "mlp_bias",
+    "scale_attention_scores",
+    "scale_lm_head_input",
     "scale_embedding",
     "embedding_layer_norm",
     "tie_word_embeddings",
@@ -111,11 +114,15 @@ class RelformerConfig(PreTrainedConfig):
       learned positions are limited to `max_position_embeddings`.
     - `"rotary"`: rotary embeddings on queries and keys (`rope_parameters`).
     - `"none"`: no position information (causal masking alone).
+    - `"t5"`: T5's (Raffel et al. 2020) scalar bias per head and log-spaced distance bucket
+      (`relative_attention_num_buckets`, `relative_attention_max_distance`), one table per stack.
     The schemes are objects in `positions_relformer.POSITION_SCHEMES`; README's table lists them all.
 
     Architecture switches: `layer_norm_position` ("pre" or "post"), `norm_type` ("layer_norm" or "rms_norm"),
     `feed_forward_type` ("plain" or "gated", gated = GLU such as SwiGLU with `hidden_act="silu"`),
-    `attention_bias`, `mlp_bias`, `scale_embedding` (multiply token embeddings by sqrt(hidden_size)),
+    `attention_bias`, `mlp_bias`, `scale_attention_scores` (divide q·k by sqrt(head_dim); T5 does not),
+    `scale_lm_head_input` (multiply the last hidden states by hidden_size**-0.5 before the LM head, as T5 does with
+    tied embeddings), `scale_embedding` (multiply token embeddings by sqrt(hidden_size)),
     `embedding_layer_norm` (a norm right after the embeddings, as in BERT), `hidden_dropout`,
     `attention_dropout`, `layer_norm_eps`, and grouped-query attention through `num_key_value_heads`.
     `final_layer_norm` puts a norm after the last layer (default: pre-norm stacks only; `torch.nn.Transformer` has
@@ -145,6 +152,7 @@ class RelformerConfig(PreTrainedConfig):
     relative_attention_values: bool = False
     relative_attention_per_head: bool = False
     relative_attention_key_query: bool = False
+    relative_attention_num_buckets: int = 16
     rope_parameters: dict | None = None
     layer_norm_position: str = "pre"
     norm_type: str = "layer_norm"
@@ -153,6 +161,8 @@ class RelformerConfig(PreTrainedConfig):
     feed_forward_type: str = "plain"
     attention_bias: bool = True
     mlp_bias: bool = True
+    scale_attention_scores: bool = True
+    scale_lm_head_input: bool = False
     scale_embedding: bool = False
     embedding_layer_norm: bool = False
     type_vocab_size: int | None = None  # None: 2 for an encoder (BERT's segments), 0 otherwise

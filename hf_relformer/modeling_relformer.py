@@ -893,7 +893,9 @@ class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        logits = self.lm_head(
+            lm_head_input(self.config, slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        )
         loss = None
         if labels is not None:
             check_labels(labels, logits.shape[:2], self.config.vocab_size, "input token")
@@ -905,6 +907,11 @@ class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+
+def lm_head_input(config: RelformerConfig, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The last hidden states, times hidden_size**-0.5 with `scale_lm_head_input` (T5 with tied embeddings)."""
+    return hidden_states * config.hidden_size**-0.5 if config.scale_lm_head_input else hidden_states
 
 
 def check_labels(labels: torch.Tensor, shape: tuple[int, ...], num_classes: int, what: str) -> None:
@@ -984,7 +991,9 @@ class RelformerForConditionalGeneration(RelformerPreTrainedModel, GenerationMixi
             use_cache=use_cache,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        logits = self.lm_head(
+            lm_head_input(self.config, slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        )
         loss = None
         if labels is not None:
             check_labels(labels, logits.shape[:2], self.config.vocab_size, "decoder input token")

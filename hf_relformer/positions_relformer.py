@@ -20,6 +20,7 @@ Adding a scheme means writing its parts, one `PositionScheme` subclass and one e
 This file is shipped with every saved checkpoint (remote code): it imports only torch and transformers.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -323,6 +324,68 @@ def relative_values_term(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Scalar biases per head: T5's bucketed table (and ALiBi's linear slopes)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class GridBias(NoAttentionPositions):
+    """The attention part of a scheme whose stack part computes the bias itself (`[H, rows, keys]` per block of the
+    `DistanceGrid`): the same bias for every layer of the stack, added to the scores."""
+
+    adds_bias = True
+
+    def bias(self, query, key, grid_block, mask=None):
+        position_bias = grid_block.to(query.dtype)[None]  # [1, H, rows, keys]
+        return {"position_bias": position_bias if mask is None else position_bias + mask}
+
+
+def t5_relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucket of the distance `j - i` (Raffel et al. 2020), exactly as transformers'
+    `T5Attention._relative_position_bucket` (from Mesh TensorFlow's `_relative_position_bucket`) computes it.
+
+    Bidirectional: half the buckets for keys after the query. Of the buckets of one direction, the first half hold
+    the distances 0, 1, ... exactly; the other half grow logarithmically up to `max_distance`, and every larger
+    distance shares the last bucket. Unidirectional (a decoder): distances `j > i` fall in bucket 0 (masked anyway).
+    """
+    relative_buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        relative_buckets += (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+    else:
+        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    relative_position_if_large = max_exact + (
+        torch.log(relative_position.float() / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).to(torch.long)
+    relative_position_if_large = torch.min(
+        relative_position_if_large, torch.full_like(relative_position_if_large, num_buckets - 1)
+    )
+    return relative_buckets + torch.where(is_small, relative_position, relative_position_if_large)
+
+
+class T5Buckets(DistanceGridPositions):
+    """The stack part of T5's bias: one learned scalar per head and bucket (`relative_attention_bias`,
+    `[num_buckets, H]`), looked up once per forward for the whole stack and shared by its layers, as T5 computes it
+    in its first layer and passes it on. Bidirectional buckets in an encoder, unidirectional in a decoder."""
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+        self.relative_attention_bias = nn.Embedding(self.num_buckets, config.num_attention_heads)
+
+    def transform(self, distance: torch.Tensor) -> torch.Tensor:
+        buckets = t5_relative_position_bucket(distance, not self.causal, self.num_buckets, self.max_distance)
+        return self.relative_attention_bias(buckets).permute(2, 0, 1)  # [H, rows, keys]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The schemes
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -338,7 +401,7 @@ class PositionScheme:
     stack_part: type[nn.Module] = NoStackPositions
     attention_part: type[nn.Module] = NoAttentionPositions
     switches: tuple[str, ...] = ()  # boolean config fields that need this scheme
-    plain_overrides: dict = {}  # settings of the plain variant in the tests, demo and benchmarks (tiny models)
+    test_overrides: dict = {}  # settings of the tests' tiny models (e.g. tables small enough for them)
     variants: dict[str, dict] = {}  # named variants besides the plain scheme: extra config overrides
     featured_variants: tuple[str, ...] = ()  # the variants the demo and the benchmarks run too (the tests run all)
     parameter_names: tuple[str, ...] = ()  # fragments of the names of its tensors (for conversion)
@@ -363,9 +426,10 @@ class PositionScheme:
         """Whether the tensor `name` of a Relformer state dict belongs to this scheme."""
         return any(fragment in name for fragment in self.parameter_names)
 
-    def named_variants(self) -> dict[str, dict]:
-        """`{variant name: config overrides}`: the plain scheme under its own name, then its variants."""
-        plain = {"position_embedding_type": self.name, **self.plain_overrides}
+    def named_variants(self, tiny: bool = False) -> dict[str, dict]:
+        """`{variant name: config overrides}`: the plain scheme under its own name, then its variants; `tiny` adds
+        `test_overrides`."""
+        plain = {"position_embedding_type": self.name, **(self.test_overrides if tiny else {})}
         return {self.name: plain} | {name: {**plain, **overrides} for name, overrides in self.variants.items()}
 
 
@@ -476,6 +540,31 @@ class RotaryScheme(PositionScheme):
             init.copy_(module.original_inv_freq, inv_freq)
 
 
+class T5Scheme(PositionScheme):
+    name = "t5"
+    where = "self-attention scores (one scalar per head and distance bucket, shared by the layers of a stack)"
+    length = "any length; log-bucketed distances, all beyond relative_attention_max_distance share a bucket"
+    paper = "Raffel et al. 2020, Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer"
+    stack_part = T5Buckets
+    attention_part = GridBias
+    test_overrides = {"relative_attention_num_buckets": 8, "relative_attention_max_distance": 12}
+    parameter_names = ("embed_positions.relative_attention_bias.",)
+    translation_invariant = True
+
+    def check(self, config) -> None:
+        buckets, distance = config.relative_attention_num_buckets, config.relative_attention_max_distance
+        if buckets < 4 or distance <= buckets // 2:  # T5's log spacing divides by log(max_distance / exact ones)
+            raise ValueError(
+                "position_embedding_type='t5' needs relative_attention_num_buckets >= 4 and "
+                "relative_attention_max_distance above the distances bucketed exactly (num_buckets / 2 in a decoder, "
+                f"num_buckets / 4 in an encoder); got {buckets} and {distance}."
+            )
+
+    def init_weights(self, module: nn.Module, std: float) -> None:
+        if isinstance(module, T5Buckets):
+            init.normal_(module.relative_attention_bias.weight, mean=0.0, std=std)
+
+
 class NoPositionScheme(PositionScheme):
     name = "none"
     where = "nowhere (causal masking alone)"
@@ -496,16 +585,18 @@ POSITION_SCHEMES: dict[str, PositionScheme] = {
         LearnedScheme(),
         RotaryScheme(),
         NoPositionScheme(),
+        T5Scheme(),
     )
 }
 
 
 def scheme_variants(featured_only: bool = False) -> dict[str, dict]:
-    """`{variant name: config overrides}` of every scheme (the tests' table), or with `featured_only` of each plain
-    scheme and its featured variants (the demo's and the benchmarks')."""
+    """`{variant name: config overrides}` of every scheme with the settings of tiny models (the tests' table), or with
+    `featured_only` of each plain scheme and its featured variants at the config's defaults (the demo's and the
+    benchmarks', which set `relative_attention_max_distance` themselves)."""
     return {
         name: overrides
         for scheme in POSITION_SCHEMES.values()
-        for name, overrides in scheme.named_variants().items()
+        for name, overrides in scheme.named_variants(tiny=not featured_only).items()
         if not featured_only or name == scheme.name or name in scheme.featured_variants
     }

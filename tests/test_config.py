@@ -8,8 +8,9 @@ from transformers import AutoConfig
 import hf_relformer
 from hf_relformer import RelformerConfig
 from hf_relformer.configuration_relformer import CODE_VERSION_KEY
+from hf_relformer.positions_relformer import POSITION_SCHEMES
 
-from helpers import tiny_config, tiny_lm
+from helpers import REPO_ROOT, tiny_config, tiny_lm
 
 REQUIRED_FIELDS = (
     "vocab_size",
@@ -254,3 +255,11 @@ def test_every_saved_config_records_the_code_version_and_loads_silently(tmp_path
         config = RelformerConfig.from_pretrained(tmp_path)
     assert caplog.records == []  # a known key, not an "unknown field"
     assert config.to_dict()[CODE_VERSION_KEY] == hf_relformer.__version__
+
+
+def test_readme_lists_every_position_scheme():
+    """README's scheme table has a row for each scheme of the registry."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme[readme.index("| `position_embedding_type` |") :].split("\n\n")[0]
+    for name in POSITION_SCHEMES:
+        assert f"| `{name}`" in table, name

@@ -1,4 +1,4 @@
-"""Conversion of GPT-2, BERT, Llama (folder and GGUF), transformers-4 relative BERT and torch.nn.Transformer
+"""Conversion of GPT-2, BERT, Llama (folder and GGUF), transformers-4 relative BERT, torch.nn.Transformer and T5
 checkpoints: each written folder is reloaded and compared with the source's own outputs; bad inputs give clear
 errors and leave nothing behind."""
 
@@ -16,6 +16,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
@@ -26,6 +27,9 @@ from transformers import (
     GPT2TokenizerFast,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
     pipeline,
 )
 
@@ -33,7 +37,7 @@ import conversion
 from conversion.cli import main
 from hf_relformer import RelformerForCausalLM
 
-from helpers import ASSETS, REPO_ROOT, run_remote_code
+from helpers import ASSETS, REPO_ROOT, redraw_weights, run_remote_code
 
 TEXT = ["Relative attention compares tokens by distance.", "A second, longer sentence to pad the first one out."]
 
@@ -547,3 +551,52 @@ def test_no_verify_is_recorded(gpt2_folder, tmp_path):
     results = converted("gpt2", gpt2_folder, tmp_path / "out", "--no-verify")
     assert results["max_abs_difference"] is None and not results["verified"]
     assert "Not verified" in (tmp_path / "out" / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# T5 (bucketed bias, unscaled scores, RMS norms, relu / gated-gelu) and BLOOM (ALiBi, embedding norm, fused qkv)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, "num_heads": 3, "num_layers": 3}],
+    ids=["relu-tied", "gated-gelu-untied-3-heads-deeper-encoder"],
+)
+def test_t5_logits_and_beam_search_match(overrides, tmp_path):
+    """(transformers' T5 sizes its generation cache by num_layers: a decoder deeper than the encoder fails there.)"""
+    torch.manual_seed(0)
+    values = dict(
+        vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0,
+    )  # fmt: skip
+    redraw_weights(T5ForConditionalGeneration(T5Config(**values | overrides))).save_pretrained(tmp_path / "t5")
+    result = converted("t5", tmp_path / "t5", tmp_path / "out")
+    assert result["verified"] and result["max_abs_difference"] <= 1e-4
+    source = T5ForConditionalGeneration.from_pretrained(tmp_path / "t5").eval()
+    ours = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out").eval()
+    assert ours.config.position_embedding_type == "t5" and not ours.config.scale_attention_scores
+    ids = torch.randint(3, 96, (2, 30), generator=torch.Generator().manual_seed(0))  # beyond max_distance
+    mask = torch.ones_like(ids)
+    mask[1, -7:] = 0
+    decoder_ids = torch.randint(3, 96, (2, 25), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids}
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, source(**inputs).logits, atol=1e-4, rtol=0)
+    settings = dict(num_beams=3, max_new_tokens=12, min_new_tokens=12, do_sample=False, early_stopping=True)
+    expected = source.generate(ids, attention_mask=mask, **settings)
+    assert len(set(expected[0].tolist())) > 3
+    assert ours.generate(ids, attention_mask=mask, **settings).tolist() == expected.tolist()
+
+
+def test_t5_encoder_hidden_states_match(tmp_path):
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=16, relative_attention_max_distance=24)  # fmt: skip
+    T5EncoderModel(config).save_pretrained(tmp_path / "t5")
+    assert converted("t5", tmp_path / "t5", tmp_path / "out")["verified"]
+    source = T5EncoderModel.from_pretrained(tmp_path / "t5").eval()
+    ours = AutoModel.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).last_hidden_state, source(ids).last_hidden_state, atol=1e-4, rtol=0)
