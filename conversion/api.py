@@ -12,7 +12,7 @@ import torch
 from hf_relformer import __version__
 from hf_relformer.saving import output_problem
 
-from . import bert, gpt2, llama, t5, torch_transformer
+from . import bert, bloom, gpt2, llama, t5, torch_transformer
 from .common import TOLERANCE, Conversion, ConversionError, Options, model_output, verify, write_folder
 from .model_card import render_card
 
@@ -23,6 +23,7 @@ SOURCES: dict[str, Callable[[Path, Options], Conversion]] = {
     "bert-relative-v4": bert.convert_relative_v4,
     "torch-transformer": torch_transformer.convert,
     "t5": t5.convert,
+    "bloom": bloom.convert,
 }
 
 

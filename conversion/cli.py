@@ -23,6 +23,7 @@ EPILOG = """sources:
   torch-transformer  a torch.nn.Transformer / nn.TransformerEncoder state dict (.safetensors, or .pt read with
                      weights_only=True) and --hparams FILE.json with its constructor arguments
   t5                 a transformers T5ForConditionalGeneration / T5EncoderModel folder (t5 positions)
+  bloom              a transformers BloomForCausalLM / BloomModel folder (alibi positions)
 
 The output folder holds model.safetensors, config.json, the tokenizer files of the source, the generation config,
 the modeling code (for trust_remote_code=True), a model card (README.md) and conversion.json (the verification).

@@ -324,7 +324,7 @@ def relative_values_term(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Scalar biases per head: T5's bucketed table (and ALiBi's linear slopes)
+# Scalar biases per head: T5's bucketed table and ALiBi's linear slopes
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -383,6 +383,36 @@ class T5Buckets(DistanceGridPositions):
     def transform(self, distance: torch.Tensor) -> torch.Tensor:
         buckets = t5_relative_position_bucket(distance, not self.causal, self.num_buckets, self.max_distance)
         return self.relative_attention_bias(buckets).permute(2, 0, 1)  # [H, rows, keys]
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Press et al. (2022)'s head slopes `[H]`: for `n` heads, a power of two, the geometric sequence
+    `2^(-8/n), 2^(-16/n), ..., 2^(-8)`; otherwise the slopes of the closest power of two below `n`, then every other
+    slope of twice that many heads, as many as are missing (the rule of the paper's code). Computed as BLOOM's
+    `build_alibi_tensor` computes them (fp32 powers of the base), so converted BLOOM checkpoints agree exactly."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != num_heads:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        extra_powers = torch.arange(1, 1 + 2 * min(closest, num_heads - closest), 2, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(extra_base, extra_powers)])
+    return slopes
+
+
+class AlibiSlopes(DistanceGridPositions):
+    """The stack part of ALiBi: the bias `-m_h·|j - i|` `[H, rows, keys]`, one slope `m_h` per head (a non-persistent
+    buffer). A causal stack sees only `j <= i`, where this is Press et al.'s `-m·(i - j)`; an encoder sees both sides
+    (the symmetric form). The same bias serves every layer of the stack."""
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.num_heads = config.num_attention_heads
+        self.register_buffer("slopes", alibi_slopes(self.num_heads), persistent=False)
+
+    def transform(self, distance: torch.Tensor) -> torch.Tensor:
+        slopes = self.slopes.float().to(distance.device)  # fp32 even in a half-precision model
+        return -slopes[:, None, None] * distance.abs()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -565,6 +595,20 @@ class T5Scheme(PositionScheme):
             init.normal_(module.relative_attention_bias.weight, mean=0.0, std=std)
 
 
+class AlibiScheme(PositionScheme):
+    name = "alibi"
+    where = "self-attention scores (a fixed slope per head times the distance; no parameters)"
+    length = "any length; trained short, extrapolates (the paper's point)"
+    paper = "Press et al. 2022, Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation"
+    stack_part = AlibiSlopes
+    attention_part = GridBias
+    translation_invariant = True
+
+    def init_weights(self, module: nn.Module, std: float) -> None:
+        if isinstance(module, AlibiSlopes):
+            init.copy_(module.slopes, alibi_slopes(module.num_heads))
+
+
 class NoPositionScheme(PositionScheme):
     name = "none"
     where = "nowhere (causal masking alone)"
@@ -586,6 +630,7 @@ POSITION_SCHEMES: dict[str, PositionScheme] = {
         RotaryScheme(),
         NoPositionScheme(),
         T5Scheme(),
+        AlibiScheme(),
     )
 }
 

@@ -72,7 +72,7 @@ def test_positional_arguments_are_rejected():
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"position_embedding_type": "alibi"}, "position_embedding_type"),
+        ({"position_embedding_type": "xpos"}, "position_embedding_type"),
         ({"hidden_size": 30, "num_attention_heads": 4}, "hidden_size"),
         ({"num_attention_heads": 4, "num_key_value_heads": 3}, "num_key_value_heads"),
         ({"relative_attention_max_distance": 0}, "relative_attention_max_distance"),
@@ -152,7 +152,7 @@ def test_a_field_changed_after_construction_is_checked_when_a_model_is_built(tmp
     with pytest.raises(ValueError, match="relative_attention_max_distance"):
         RelformerForCausalLM(config)
     config = tiny_config()
-    config.position_embedding_type = "alibi"
+    config.position_embedding_type = "xpos"
     with pytest.raises(ValueError, match="position_embedding_type"):
         config.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()  # nothing written

@@ -1,5 +1,5 @@
-"""Conversion of GPT-2, BERT, Llama (folder and GGUF), transformers-4 relative BERT, torch.nn.Transformer and T5
-checkpoints: each written folder is reloaded and compared with the source's own outputs; bad inputs give clear
+"""Conversion of GPT-2, BERT, Llama (folder and GGUF), transformers-4 relative BERT, torch.nn.Transformer, T5 and
+BLOOM checkpoints: each written folder is reloaded and compared with the source's own outputs; bad inputs give clear
 errors and leave nothing behind."""
 
 import importlib.util
@@ -21,6 +21,8 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    BloomConfig,
+    BloomForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPT2Model,
@@ -600,3 +602,24 @@ def test_t5_encoder_hidden_states_match(tmp_path):
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).last_hidden_state, source(ids).last_hidden_state, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("heads", [4, 6], ids=["4-heads", "6-heads-not-a-power-of-two"])
+def test_bloom_logits_and_greedy_generation_match(heads, tmp_path):
+    torch.manual_seed(0)
+    config = BloomConfig(vocab_size=128, hidden_size=48, n_layer=2, n_head=heads, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=3)  # fmt: skip
+    redraw_weights(BloomForCausalLM(config), std=0.3).save_pretrained(tmp_path / "bloom")
+    result = converted("bloom", tmp_path / "bloom", tmp_path / "out")
+    assert result["verified"] and result["max_abs_difference"] <= 1e-4
+    source = BloomForCausalLM.from_pretrained(tmp_path / "bloom").eval()
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert ours.config.position_embedding_type == "alibi" and ours.config.embedding_layer_norm
+    ids = torch.randint(4, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, source(ids).logits, atol=1e-4, rtol=0)
+    expected = source.generate(ids[:, :6], max_new_tokens=15, min_new_tokens=15, do_sample=False)
+    assert len(set(expected[0, 6:].tolist())) > 3
+    assert (
+        ours.generate(ids[:, :6], max_new_tokens=15, min_new_tokens=15, do_sample=False).tolist() == expected.tolist()
+    )

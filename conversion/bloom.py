@@ -1,0 +1,106 @@
+"""transformers `BloomForCausalLM` / `BloomModel` folder -> Relformer causal LM / decoder (ALiBi positions).
+
+BLOOM as Relformer options: `position_embedding_type="alibi"` (BLOOM's slopes), `embedding_layer_norm=True` (its
+`word_embeddings_layernorm`), pre-norm with a final norm, biases everywhere, tanh-approximated GELU (`gelu_new`), a
+feed-forward of 4 x hidden_size, and the fused `query_key_value` split per head (its rows are laid out
+`[heads, 3, head_dim]`: each head's q, k and v rows in turn).
+
+BLOOM adds `m·j` with `j` the key's position counted over real tokens (`cumsum` of the attention mask), Relformer
+`-m·(i - j)` over indices: the two differ by a constant per query row, which softmax ignores, and left padding shifts
+every real token of a row alike, so both give the same outputs for the real tokens of padded and unpadded batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import BloomForCausalLM, BloomModel
+
+from hf_relformer import RelformerForCausalLM, RelformerModel
+
+from .common import (
+    Conversion,
+    ConversionError,
+    Options,
+    SourceTensors,
+    finish,
+    load_pretrained,
+    load_tokenizer,
+    pick_architecture,
+    read_config,
+    source_name,
+    transformers_conversion,
+)
+
+ARCHITECTURES = {
+    "BloomForCausalLM": (BloomForCausalLM, RelformerForCausalLM),
+    "BloomModel": (BloomModel, RelformerModel),
+}
+
+
+def convert(path: Path, options: Options) -> Conversion:
+    raw = read_config(path, "bloom", ("bloom",))
+    source_class, head_class = ARCHITECTURES[pick_architecture(raw, "bloom", ARCHITECTURES)]
+    source = load_pretrained(source_class, path, "bloom")
+    config = source.config
+    if config.apply_residual_connection_post_layernorm:
+        raise ConversionError(
+            "bloom: apply_residual_connection_post_layernorm=True is not supported (Relformer's residual branches "
+            "start from the layer input)."
+        )
+    hidden, heads = config.hidden_size, config.n_head
+    head_dim, inner = hidden // heads, 4 * hidden
+    is_lm = head_class is RelformerForCausalLM
+    tensors = SourceTensors(source.state_dict(), "bloom", options.progress)
+    src = "transformer." if is_lm else ""
+
+    def linear(theirs: str, ours: str, shape: tuple[int, int]) -> None:
+        mapped[f"{ours}.weight"] = tensors.take(f"{theirs}.weight", shape)
+        mapped[f"{ours}.bias"] = tensors.take(f"{theirs}.bias", (shape[0],))
+
+    mapped = {"embed_tokens.weight": tensors.take(f"{src}word_embeddings.weight", (config.vocab_size, hidden))}
+    norms = [(f"{src}word_embeddings_layernorm", "embed_norm"), (f"{src}ln_f", "norm")]
+    for i in range(config.n_layer):
+        block, layer = f"{src}h.{i}", f"layers.{i}"
+        norms += [(f"{block}.input_layernorm", f"{layer}.self_attn_norm")]
+        norms += [(f"{block}.post_attention_layernorm", f"{layer}.mlp_norm")]
+        qkv = f"{block}.self_attention.query_key_value"
+        weight = tensors.take(f"{qkv}.weight", (3 * hidden, hidden)).view(heads, 3, head_dim, hidden)
+        bias = tensors.take(f"{qkv}.bias", (3 * hidden,)).view(heads, 3, head_dim)
+        for index, name in enumerate(("q", "k", "v")):
+            mapped[f"{layer}.self_attn.{name}_proj.weight"] = weight[:, index].reshape(hidden, hidden).contiguous()
+            mapped[f"{layer}.self_attn.{name}_proj.bias"] = bias[:, index].reshape(hidden).contiguous()
+        linear(f"{block}.self_attention.dense", f"{layer}.self_attn.o_proj", (hidden, hidden))
+        linear(f"{block}.mlp.dense_h_to_4h", f"{layer}.mlp.up_proj", (inner, hidden))
+        linear(f"{block}.mlp.dense_4h_to_h", f"{layer}.mlp.down_proj", (hidden, inner))
+    for theirs, ours in norms:
+        mapped[f"{ours}.weight"] = tensors.take(f"{theirs}.weight", (hidden,))
+        mapped[f"{ours}.bias"] = tensors.take(f"{theirs}.bias", (hidden,))
+    shape = (config.vocab_size, hidden)
+    head = tensors.output_layer("lm_head.weight", "lm_head.weight", config.tie_word_embeddings, shape) if is_lm else {}
+    tensors.check_all_used()
+
+    config_kwargs = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=heads,
+        intermediate_size=inner,
+        hidden_act="gelu_new",
+        position_embedding_type="alibi",
+        layer_norm_position="pre",
+        layer_norm_eps=config.layer_norm_epsilon,
+        embedding_layer_norm=True,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=config.tie_word_embeddings,
+        is_decoder=True,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    model, reinitialised = finish(config_kwargs, mapped, head_class, options, "model." if is_lm else "", head)
+    tokenizer = load_tokenizer(path, "bloom", config.vocab_size)
+    return transformers_conversion(
+        source, model, "bloom", source_name(raw, path), tokenizer, reinitialised, tokenizer_dir=path
+    )
