@@ -410,7 +410,7 @@ def test_torch_transformer_encoder_inside_a_larger_state_dict(causal, tmp_path):
 
 def test_usage_errors_exit_with_code_2(gpt2_folder, tmp_path, capsys):
     for argv in (
-        ["t5", str(gpt2_folder), str(tmp_path / "o")],
+        ["xlnet", str(gpt2_folder), str(tmp_path / "o")],
         ["gpt2", str(tmp_path / "missing"), str(tmp_path / "o")],
         ["gpt2", str(gpt2_folder), str(tmp_path / "o"), "--gguf-file", "x.gguf"],
         ["gpt2", str(gpt2_folder), str(tmp_path / "o"), "--relative-attention-max-distance", "0"],

@@ -649,7 +649,7 @@ def usage_cases(sources: dict[str, Path], folder: Path, tmp_path: Path) -> list[
     return [
         (convert, ["gpt2", gpt2, out, "--bogus"], "unrecognized arguments: --bogus"),
         (convert, ["gpt2", gpt2], "the following arguments are required: output"),
-        (convert, ["t5", gpt2, out], "invalid choice: 't5'"),
+        (convert, ["xlnet", gpt2, out], "invalid choice: 'xlnet'"),
         (convert, ["gpt2", str(tmp_path / "missing"), out], "does not exist"),
         (convert, ["gpt2", gpt2, out, "--tolerance", "nan"], "--tolerance must be a positive number"),
         (convert, ["gpt2", gpt2, out, "--tolerance", "-1"], "--tolerance must be a positive number"),
