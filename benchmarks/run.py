@@ -40,7 +40,7 @@ from hf_relformer import (
     RelformerModel,
 )
 from hf_relformer.modeling_relformer import RelformerAttention
-from hf_relformer.positions_relformer import scheme_variants
+from hf_relformer.positions_relformer import scheme_variants, with_horizon
 from hf_relformer.saving import write_atomically
 
 from .naive_shaw import gathered_relative_logits, naive_shaw_attention, skewed_relative_logits
@@ -81,7 +81,6 @@ def make_row(case_id: str, what: str, ours: float, theirs: float, unit: str, tar
 def relformer_config(shape: dict, scheme: str, **overrides) -> RelformerConfig:
     values = dict(
         **shape,
-        relative_attention_max_distance=MAX_DISTANCE,
         max_position_embeddings=8192,
         hidden_act="gelu_new",
         hidden_dropout=0.0,
@@ -90,7 +89,8 @@ def relformer_config(shape: dict, scheme: str, **overrides) -> RelformerConfig:
         bos_token_id=1,
         eos_token_id=2,
     )
-    return RelformerConfig(**values | SCHEMES[scheme] | overrides)
+    horizon = with_horizon(SCHEMES[scheme], overrides.get("relative_attention_max_distance", MAX_DISTANCE))
+    return RelformerConfig(**values | horizon | overrides)
 
 
 def relformer_lm(shape: dict, scheme: str, **overrides) -> RelformerForCausalLM:

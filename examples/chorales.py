@@ -40,6 +40,7 @@ from hf_relformer import RelformerConfig, RelformerForCausalLM
 from hf_relformer.checks import DecodingCheckError, check_cached_decoding
 from hf_relformer.cli import run_command
 from hf_relformer.demo import SCHEMES
+from hf_relformer.positions_relformer import with_horizon
 from hf_relformer.saving import ExtraFiles, output_problem, save_pretrained_atomically
 
 try:
@@ -237,9 +238,9 @@ def make_config(scheme: str, args: argparse.Namespace) -> RelformerConfig:
     return RelformerConfig(
         vocab_size=VOCAB_SIZE, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, intermediate_size=4 * args.hidden_size,
-        max_position_embeddings=max(args.block_size, 1024), relative_attention_max_distance=args.max_distance,
-        hidden_dropout=args.dropout, attention_dropout=0.0, scale_embedding=True,
-        pad_token_id=PAD, bos_token_id=None, eos_token_id=None, **SCHEMES[scheme],
+        max_position_embeddings=max(args.block_size, 1024), hidden_dropout=args.dropout, attention_dropout=0.0,
+        scale_embedding=True, pad_token_id=PAD, bos_token_id=None, eos_token_id=None,
+        **with_horizon(SCHEMES[scheme], args.max_distance),
     )  # fmt: skip
 
 

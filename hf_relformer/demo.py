@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
 from .checks import check_cached_decoding
 from .configuration_relformer import RelformerConfig
 from .modeling_relformer import RelformerForCausalLM
-from .positions_relformer import POSITION_SCHEMES, LearnedPositions, scheme_variants
+from .positions_relformer import POSITION_SCHEMES, LearnedPositions, scheme_variants, with_horizon
 from .saving import ExtraFiles, Subfolder, save_pretrained_atomically
 from .saving import output_problem as _folder_problem
 
@@ -84,8 +84,8 @@ class DemoSettings:
         return RelformerConfig(
             vocab_size=vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.layers,
             num_attention_heads=self.heads, intermediate_size=4 * self.hidden_size, max_position_embeddings=longest,
-            relative_attention_max_distance=self.max_distance, hidden_dropout=0.0, attention_dropout=0.0,
-            scale_embedding=scale_embedding, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, **SCHEMES[scheme],
+            hidden_dropout=0.0, attention_dropout=0.0, scale_embedding=scale_embedding, pad_token_id=PAD,
+            bos_token_id=BOS, eos_token_id=EOS, **with_horizon(SCHEMES[scheme], self.max_distance),
         )  # fmt: skip
 
 

@@ -456,6 +456,11 @@ class PositionScheme:
         """Whether the tensor `name` of a Relformer state dict belongs to this scheme."""
         return any(fragment in name for fragment in self.parameter_names)
 
+    def horizon(self, max_distance: int) -> dict:
+        """Config overrides that let this scheme tell distances apart up to about `max_distance` and no further (the
+        demo's and the benchmarks' one knob `k`)."""
+        return {"relative_attention_max_distance": max_distance}
+
     def named_variants(self, tiny: bool = False) -> dict[str, dict]:
         """`{variant name: config overrides}`: the plain scheme under its own name, then its variants; `tiny` adds
         `test_overrides`."""
@@ -590,6 +595,11 @@ class T5Scheme(PositionScheme):
                 f"num_buckets / 4 in an encoder); got {buckets} and {distance}."
             )
 
+    def horizon(self, max_distance: int) -> dict:
+        # in a decoder, k buckets up to distance k give distances 0 .. k-1 a bucket each (k/2 exact, the rest log
+        # spaced) and share the last one beyond: a scalar per head and distance, clipped like Shaw's tables
+        return {"relative_attention_max_distance": max_distance, "relative_attention_num_buckets": max_distance}
+
     def init_weights(self, module: nn.Module, std: float) -> None:
         if isinstance(module, T5Buckets):
             init.normal_(module.relative_attention_bias.weight, mean=0.0, std=std)
@@ -633,6 +643,11 @@ POSITION_SCHEMES: dict[str, PositionScheme] = {
         AlibiScheme(),
     )
 }
+
+
+def with_horizon(overrides: dict, max_distance: int) -> dict:
+    """A variant's config overrides (from `scheme_variants`) plus its scheme's `horizon(max_distance)`."""
+    return overrides | POSITION_SCHEMES[overrides["position_embedding_type"]].horizon(max_distance)
 
 
 def scheme_variants(featured_only: bool = False) -> dict[str, dict]:

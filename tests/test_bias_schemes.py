@@ -6,8 +6,15 @@ import torch
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from hf_relformer import RelformerModel, modeling_relformer
-from hf_relformer.positions_relformer import DistanceGrid, alibi_slopes, t5_relative_position_bucket
+from hf_relformer import RelformerConfig, RelformerModel, modeling_relformer
+from hf_relformer.positions_relformer import (
+    POSITION_SCHEMES,
+    DistanceGrid,
+    alibi_slopes,
+    scheme_variants,
+    t5_relative_position_bucket,
+    with_horizon,
+)
 
 from helpers import SCHEMES, scheme_of, tiny_config, tiny_lm, tiny_seq2seq
 
@@ -64,3 +71,17 @@ def test_alibi_bias_is_minus_slope_times_distance(causal):
     slopes = alibi_slopes(4)
     distance = torch.arange(7)[None] - torch.arange(3, 7)[:, None]
     torch.testing.assert_close(grid.block(0, 4, 7), -slopes[:, None, None] * distance.abs())
+
+
+@pytest.mark.parametrize("max_distance", [4, 8, 16, 64])
+def test_every_scheme_takes_the_demos_horizon_and_t5_clips_there(max_distance):
+    for overrides in scheme_variants(featured_only=True).values():
+        RelformerConfig(**with_horizon(overrides, max_distance))  # raises for a scheme the knob cannot set up
+    t5 = with_horizon({"position_embedding_type": "t5"}, max_distance)
+    assert POSITION_SCHEMES["relative"].horizon(max_distance) == {"relative_attention_max_distance": max_distance}
+    buckets = t5_relative_position_bucket(
+        -torch.arange(4 * max_distance), False, t5["relative_attention_num_buckets"], max_distance
+    )
+    assert (buckets[max_distance - 1 :] == max_distance - 1).all()  # one bucket for every distance from k - 1 on
+    assert (buckets[: max_distance // 2] == torch.arange(max_distance // 2)).all()  # exact below k / 2
+    assert len(set(buckets[:max_distance].tolist())) >= 0.9 * max_distance  # and nearly one per distance below k
