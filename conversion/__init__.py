@@ -1,8 +1,8 @@
 """Converters from other checkpoints to Relformer checkpoints, each verified numerically against its source.
 
-    python -m conversion SOURCE INPUT OUTPUT [options]      (also installed as `relformer-convert`)
+    python -m hf_relformer.conversion SOURCE INPUT OUTPUT [options]      (also installed as `relformer-convert`)
 
-or from Python: `conversion.convert("gpt2", "path/to/gpt2", "path/to/out")`. Sources: see `SOURCES`.
+or from Python: `hf_relformer.conversion.convert("gpt2", "path/to/gpt2", "path/to/out")`. Sources: see `SOURCES`.
 """
 
 from .api import SOURCES, convert

@@ -1,4 +1,4 @@
-"""`python -m conversion SOURCE INPUT OUTPUT [options]` (console script `relformer-convert`)."""
+"""`python -m hf_relformer.conversion SOURCE INPUT OUTPUT [options]` (console script `relformer-convert`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from hf_relformer.cli import run_command
+from hf_relformer.commands import run_command
 from hf_relformer.positions_relformer import POSITION_SCHEMES
 from hf_relformer.saving import output_problem
 

@@ -1,6 +1,6 @@
 """Replace the code a saved Relformer checkpoint ships with the installed package's, then verify it without the package.
 
-    relformer-upgrade PATH                 (also: python -m conversion.upgrade PATH)
+    relformer-upgrade PATH                 (also: python -m hf_relformer.conversion.upgrade PATH)
     relformer-upgrade --repo-id ID [--revision REV] [--commit-message MSG] [--endpoint URL] [--token TOKEN] [--dry-run]
 
 A checkpoint carries configuration_relformer.py, modeling_relformer.py and positions_relformer.py (and
@@ -35,13 +35,12 @@ from huggingface_hub import CommitOperationAdd, HfApi
 
 import hf_relformer
 from hf_relformer import modeling_relformer
-from hf_relformer.cli import run_command
+from hf_relformer.commands import run_command
 from hf_relformer.configuration_relformer import AUTO_MAP, CODE_VERSION, CODE_VERSION_KEY
 from hf_relformer.pipeline_relformer import TASK, RelformerText2TextPipeline
 from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
 
-from .common import ConversionError, load_relformer_config, read_json
-from .upload import (
+from ..hub.upload import (
     HUB_OPTIONS,
     MODEL_CODE,
     RemoteLoadError,
@@ -55,6 +54,7 @@ from .upload import (
     run_without_package,
     with_retries,
 )
+from .common import ConversionError, load_relformer_config, read_json
 
 PIPELINE_CODE = "pipeline_relformer.py"
 PIPELINE_IMPL = f"{PIPELINE_CODE[:-3]}.{RelformerText2TextPipeline.__name__}"

@@ -1,28 +1,12 @@
-"""The `relformer` command line, and the conventions every relformer command follows (`run_command`): a usage
-error exits with 2 and argparse's message, a runtime problem (a damaged file, a failed check) with 1 and one line
-`PROG: error: ...`, Ctrl-C with 130; none prints a traceback."""
+"""The `relformer` command line (`relformer demo`); it follows `commands.run_command`'s conventions."""
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from .checks import DecodingCheckError
+from .commands import run_command
 from .demo import SCHEMES, TASKS, DemoSettings, output_problem, run_demo
-
-
-def run_command(prog: str, work: Callable[[], object], errors: tuple[type[Exception], ...], interrupted: str) -> int:
-    """Run a command's work: `errors` (expected runtime problems) print `PROG: error: MESSAGE` and give exit code 1,
-    Ctrl-C prints `PROG: interrupted; INTERRUPTED` and gives 130; success gives 0."""
-    try:
-        work()
-    except errors as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
-        return 130
-    return 0
 
 
 def _int_list(text: str) -> list[int]:

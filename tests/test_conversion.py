@@ -35,9 +35,8 @@ from transformers import (
     pipeline,
 )
 
-import conversion
-from conversion.cli import main
-from hf_relformer import RelformerForCausalLM
+from hf_relformer import RelformerForCausalLM, conversion
+from hf_relformer.conversion.cli import main
 
 from helpers import ASSETS, REPO_ROOT, redraw_weights, run_remote_code
 

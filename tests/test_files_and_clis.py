@@ -38,12 +38,12 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from conversion import card as card_module
-from conversion import cli as convert_cli
-from conversion import upload as upload_module
-from conversion.upload import validate_folder
 from hf_relformer import cli as relformer_cli
 from hf_relformer import saving
+from hf_relformer.conversion import cli as convert_cli
+from hf_relformer.hub import card as card_module
+from hf_relformer.hub import upload as upload_module
+from hf_relformer.hub.upload import validate_folder
 from hf_relformer.saving import ExtraFiles, save_pretrained_atomically, write_atomically
 
 from helpers import REPO_ROOT, tiny_lm
@@ -713,14 +713,18 @@ def test_ctrl_c_exits_with_130_and_one_line(
 @pytest.mark.parametrize(
     ("args", "code", "fragment"),
     [
-        (["conversion", "gpt2", "{damaged}", "{tmp}/out", "--no-progress"], 1, "model.safetensors: the file is empty"),
-        (["conversion", "gpt2", "{damaged}", "{tmp}/out", "--tolerance", "nan"], 2, "--tolerance"),
-        (["conversion.card", "{damaged}"], 1, "model.safetensors: the file is empty"),
+        (
+            ["hf_relformer.conversion", "gpt2", "{damaged}", "{tmp}/out", "--no-progress"],
+            1,
+            "model.safetensors: the file is empty",
+        ),
+        (["hf_relformer.conversion", "gpt2", "{damaged}", "{tmp}/out", "--tolerance", "nan"], 2, "--tolerance"),
+        (["hf_relformer.hub.card", "{damaged}"], 1, "model.safetensors: the file is empty"),
     ],
     ids=["convert-damaged", "convert-usage", "card-damaged"],
 )
 def test_real_processes_exit_without_a_traceback(args, code, fragment, sources, relformer_folder, tmp_path):
-    source = sources["gpt2"] if args[0] == "conversion" else relformer_folder
+    source = sources["gpt2"] if args[0] == "hf_relformer.conversion" else relformer_folder
     folder = damaged(source, "empty weights", tmp_path / "damaged")
     argv = [arg.format(damaged=folder, tmp=tmp_path) for arg in args]
     result = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -13,11 +13,11 @@ from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2TokenizerFast, pipeline
 
-from conversion import card as card_module
-from conversion import upload as upload_module
-from conversion.card import render_card
-from conversion.upload import UploadError, upload, validate_folder
 from hf_relformer import RelformerForConditionalGeneration, RelformerForMaskedLM
+from hf_relformer.hub import card as card_module
+from hf_relformer.hub import upload as upload_module
+from hf_relformer.hub.card import render_card
+from hf_relformer.hub.upload import UploadError, upload, validate_folder
 
 from helpers import redraw_weights, run_script, tiny_config, tiny_lm, tiny_seq2seq
 

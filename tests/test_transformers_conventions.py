@@ -218,7 +218,7 @@ def test_rope_types_match_llama_past_max_position_embeddings(rope_type, tmp_path
     same cached greedy decoding logits from 6 to 36 tokens, where dynamic NTK and longrope update their frequencies."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from conversion.api import convert
+    from hf_relformer.conversion.api import convert
 
     torch.manual_seed(0)
     rope = {"rope_type": rope_type, "rope_theta": 100.0, **ROPE_EXTRAS[rope_type]}

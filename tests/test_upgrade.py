@@ -21,11 +21,11 @@ from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
 import hf_relformer
-from conversion import upgrade as upgrade_module
-from conversion.common import ConversionError
-from conversion.upgrade import UpgradeError, upgrade_repo, verify
 from hf_relformer import RelformerForCausalLM
 from hf_relformer.configuration_relformer import CODE_VERSION_KEY
+from hf_relformer.conversion import upgrade as upgrade_module
+from hf_relformer.conversion.common import ConversionError
+from hf_relformer.conversion.upgrade import UpgradeError, upgrade_repo, verify
 
 from helpers import REPO_ROOT, run_remote_code
 

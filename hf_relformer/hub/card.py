@@ -14,10 +14,17 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 import hf_relformer
 from hf_relformer import RelformerConfig
-from hf_relformer.cli import run_command
+from hf_relformer.commands import run_command
 from hf_relformer.saving import write_atomically
 
-from .common import ConversionError, folder_shapes, is_hub_name, load_relformer_config, read_json, weight_problems
+from ..conversion.common import (
+    ConversionError,
+    folder_shapes,
+    is_hub_name,
+    load_relformer_config,
+    read_json,
+    weight_problems,
+)
 
 TEMPLATE = Path(hf_relformer.__file__).parent / "model_cards" / "relformer.md.jinja"
 FORMS = {  # form -> (pipeline tag, Auto class of its main head)

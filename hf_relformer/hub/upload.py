@@ -26,10 +26,9 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
-from hf_relformer.cli import run_command
+from hf_relformer.commands import run_command
 
-from .card import CardError, write_card
-from .common import (
+from ..conversion.common import (
     PICKLE_SUFFIXES,
     TOKENIZER_FILES,
     ConversionError,
@@ -40,6 +39,7 @@ from .common import (
     load_tokenizer,
     weight_problems,
 )
+from .card import CardError, write_card
 
 MODEL_CODE = ("configuration_relformer.py", "modeling_relformer.py", "positions_relformer.py")
 RETRIES, BACKOFF_SECONDS = 4, 2.0
