@@ -414,6 +414,30 @@ def _call_text(text: str, start: int) -> str:
     return text[start:]
 
 
+def test_the_wheel_installs_only_hf_relformer(tmp_path):
+    """`pip install .` puts one import package in site-packages: hf_relformer, with conversion/ as
+    hf_relformer.conversion, the Hub tools and the card templates inside it."""
+    import zipfile
+
+    source = tmp_path / "source"  # a copy, so that setuptools' build/ folder lands there
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "hf_relformer", "conversion", "model_cards"):
+        if (REPO_ROOT / name).is_dir():
+            shutil.copytree(REPO_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif (REPO_ROOT / name).is_file():
+            shutil.copy(REPO_ROOT / name, source / name)
+    build = subprocess.run(  # in pip's isolated build environment, as `pip install .` builds it
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "wheel"), str(source)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names if ".dist-info/" not in name} == {"hf_relformer"}
+    for module in ("conversion/api.py", "conversion/gpt2.py", "hub/card.py", "hub/upload.py", "commands.py"):
+        assert f"hf_relformer/{module}" in names
+
+
 def test_no_pickle_based_loading_in_the_code():
     """torch.load only with weights_only=True; no pickle / joblib / allow_pickle loading anywhere in the code."""
     unsafe = re.compile(r"\bpickle\.loads?\(|joblib\.load|dill\.load|allow_pickle\s*=\s*True|weights_only\s*=\s*False")
