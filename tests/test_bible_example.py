@@ -1,7 +1,6 @@
 """A short run of examples/finetune_bible.py on the real KJV -> WEB verse pairs: the loss goes down, the saved
 folder reloads, and the relformer-text2text pipeline translates a held-out verse."""
 
-import importlib.util
 import json
 
 import torch
@@ -9,18 +8,11 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
 from hf_relformer import RelformerForConditionalGeneration
 
-from helpers import REPO_ROOT
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("finetune_bible", REPO_ROOT / "examples" / "finetune_bible.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_example
 
 
 def test_data_split_is_by_book():
-    example = load_example()
+    example = load_example("finetune_bible")
     train, held_out = example.load_pairs()
     assert len(train) + len(held_out) > 31_000
     assert 200 < len(held_out) < 1_000
@@ -30,7 +22,7 @@ def test_data_split_is_by_book():
 
 
 def test_short_finetuning_run(tmp_path):
-    example = load_example()
+    example = load_example("finetune_bible")
     output = tmp_path / "bible"
     argv = ["--max-steps", "60", "--train-limit", "2000", "--eval-limit", "4", "--hidden-size", "64", "--layers", "1",
             "--vocab-size", "800", "--batch-size", "16", "--learning-rate", "3e-3", "--max-length", "48",
