@@ -18,7 +18,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.integrations.flex_attention import compile_friendly_flex_attention, get_flex_attention_lse_kwargs
+from transformers.masking_utils import and_masks, create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -172,6 +173,149 @@ def eager_attention_forward(
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Flex attention: each scheme's position term as a `score_mod` reading `O(L·R)` tensors, masks (causal, padding, the
+# cache's offset) as block masks, and Shaw's values term from the kernel's log-sum-exp. On an accelerator no `[L, L]`
+# tensor exists; on CPU torch runs flex attention unfused (it materialises the scores) and has no backward.
+# ---------------------------------------------------------------------------------------------------------------
+
+FLEX_ATTENTION = "flex_attention"
+
+
+def flex_attention_forward(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask, grid
+) -> tuple[torch.Tensor, None]:
+    """query `[B, H, Lq, D]`, key/value `[B, H_kv, Lk, D]`, `block_mask` (a `BlockMask` or None: every key) and the
+    stack's position inputs (a `DistanceGrid` for bias schemes) -> (output `[B, Lq, H, D]`, None: flex attention
+    returns no probabilities)."""
+    check_flex_can_run(module, query, key, value)
+    position = module.position
+    score_mod = position.score_mod(query, key, grid)
+    output, lse = run_flex_attention(query, key, value, score_mod, block_mask, module.scaling, position.adds_values)
+    if position.adds_values:
+        mask_mod = None if block_mask is None else block_mask.mask_mod
+        far_lse, far_mask_mod = None, position.far_mask_mod(grid)
+        if far_mask_mod is not None:  # a second kernel call for the log-sum-exp of one more region
+            far_mask_mod = far_mask_mod if mask_mod is None else and_masks(mask_mod, far_mask_mod)
+            far_block = flex_block_mask(far_mask_mod, query.shape[0], query.shape[2], key.shape[2], query.device)
+            far_lse = run_flex_attention(query, key, value, score_mod, far_block, module.scaling, True)[1]
+        output = output + position.flex_values_term(query, key, grid, score_mod, mask_mod, lse, far_lse)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def run_flex_attention(query, key, value, score_mod, block_mask, scaling: float, return_lse: bool):
+    """torch's flex attention -> (output `[B, H, Lq, D]`, log-sum-exp `[B, H, Lq]` fp32 or None). Compiled (once,
+    by transformers' wrapper) off CPU; on CPU unfused, since torch's compiled CPU kernel returns no log-sum-exp."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    kwargs = {
+        "score_mod": score_mod,
+        "block_mask": block_mask,
+        "scale": scaling,
+        "enable_gqa": query.shape[1] != key.shape[1],
+        **get_flex_attention_lse_kwargs(return_lse),
+    }
+    if query.device.type == "cpu" or torch.compiler.is_compiling():
+        result = flex_attention(query, key, value, **kwargs)
+    else:
+        result = compile_friendly_flex_attention(query, key, value, training=torch.is_grad_enabled(), **kwargs)
+    if not return_lse:
+        return result, None
+    output, aux = result
+    return output, getattr(aux, "lse", aux)  # torch >= 2.9 returns an AuxOutput, older torch the lse itself
+
+
+def check_flex_can_run(module: nn.Module, query, key, value) -> None:
+    """Raise for what flex attention cannot do: attention dropout, and gradients on CPU (no backward there)."""
+    config = module.config
+    others = " or ".join(repr(name) for name in config.position_scheme.backends(config) if name != FLEX_ATTENTION)
+    if module.training and module.attention_dropout > 0:
+        raise ValueError(
+            f"attn_implementation='flex_attention' has no attention dropout (config.attention_dropout="
+            f"{module.attention_dropout}): call model.eval(), set attention_dropout=0, or use {others}."
+        )
+    if query.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise NotImplementedError(
+            "attn_implementation='flex_attention' cannot train on CPU: torch has no flex attention backward there. "
+            f"Train with attn_implementation={others} (model.set_attn_implementation(...)) or on a GPU; on CPU, "
+            "flex attention runs inference (under torch.no_grad())."
+        )
+
+
+def flex_block_mask(mask_mod: Callable, batch: int, query_length: int, key_length: int, device: torch.device):
+    """A `BlockMask` of `mask_mod(b, h, q_idx, kv_idx)`. Compiled off CPU, as transformers builds it (no `[B, Lq, Lk]`
+    tensor); on CPU not (compiling costs seconds per new shape, and the unfused CPU kernel holds the scores anyway)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    compile_it = device.type != "cpu" and not torch.compiler.is_compiling()
+    return create_block_mask(mask_mod, batch, None, query_length, key_length, device=device, _compile=compile_it)
+
+
+def key_mask_mod(attention_mask: torch.Tensor | None, batch: int, query_length: int, key_length: int):
+    """`(b, q_idx, kv_idx) -> allowed` from a 2-D mask `[B, >= Lk - padding]` (1 = token; keys past its end are not
+    tokens), or from a 4-D mask `[B or 1, 1 or H, Lq, >= Lk]` (bool: True = attend; additive: 0 = attend; its first
+    head), or None when every key is a token."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        allowed = attention_mask[:, 0, :, :key_length]
+        allowed = (allowed if allowed.dtype == torch.bool else allowed == 0).expand(batch, query_length, key_length)
+        return lambda b, q_idx, kv_idx: allowed[b, q_idx, kv_idx]
+    tokens = attention_mask.bool()
+    if not torch.compiler.is_compiling() and bool(tokens.all()) and tokens.shape[1] >= key_length:
+        return None
+    tokens = nn.functional.pad(tokens, (0, max(0, key_length - tokens.shape[1])))[:, :key_length]
+    return lambda b, q_idx, kv_idx: tokens[b, kv_idx]
+
+
+def cache_lengths(cache: Cache | None, query_length: int) -> tuple[int | torch.Tensor, int]:
+    """(`past_length`: keys in the self-attention cache before this forward, `key_length`: keys attention will see)."""
+    if cache is None:
+        return 0, query_length
+    past_length = cache.get_seq_length()
+    if isinstance(past_length, torch.Tensor):  # a static cache updates its length tensor in place
+        past_length = past_length.clone()
+    return past_length, cache.get_mask_sizes(query_length, 0)[0]
+
+
+def causal_attention_mask(config, inputs_embeds, attention_mask, cache: Cache | None, position_ids):
+    """transformers' `create_causal_mask`; under flex attention, a block mask: causal (query i of this forward sits
+    after the cache's `past_length` keys) and padding (a 4-D mask is taken as it is, as transformers does)."""
+    if config._attn_implementation != FLEX_ATTENTION:
+        return create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids)
+    batch, query_length = inputs_embeds.shape[:2]
+    past_length, key_length = cache_lengths(cache, query_length)
+    allowed = key_mask_mod(attention_mask, batch, query_length, key_length)
+    if attention_mask is not None and attention_mask.dim() == 4:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return allowed(b, q_idx, kv_idx)
+    else:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            causal = kv_idx <= q_idx + past_length
+            return causal if allowed is None else causal & allowed(b, q_idx, kv_idx)
+
+    return flex_block_mask(mask_mod, batch, query_length, key_length, inputs_embeds.device)
+
+
+def bidirectional_attention_mask(config, inputs_embeds, attention_mask, encoder_hidden_states=None):
+    """transformers' `create_bidirectional_mask` (keys: the inputs, or `encoder_hidden_states` for cross-attention);
+    under flex attention, a block mask of the padding, or None without padding."""
+    if config._attn_implementation != FLEX_ATTENTION:
+        return create_bidirectional_mask(
+            config, inputs_embeds, attention_mask, encoder_hidden_states=encoder_hidden_states
+        )
+    batch, query_length = inputs_embeds.shape[:2]
+    key_length = (inputs_embeds if encoder_hidden_states is None else encoder_hidden_states).shape[1]
+    allowed = key_mask_mod(attention_mask, batch, query_length, key_length)
+    if allowed is None:
+        return None
+    return flex_block_mask(
+        lambda b, h, q_idx, kv_idx: allowed(b, q_idx, kv_idx), batch, query_length, key_length, inputs_embeds.device
+    )
+
+
 # Every bias scheme runs in blocks of query rows whose position bias `[B, H, rows, Lk]` has at most BLOCK_ELEMENTS
 # elements (2 MB in fp32), so that memory grows like L, not L², beyond short inputs; but never fewer than
 # MIN_BLOCK_ROWS rows, below which per-block overhead dominates (measured: a forward at L = 8192 took 15.8 s with
@@ -228,7 +372,12 @@ class RelformerAttention(nn.Module):
             key, value = self._project_key_value(hidden_states)
             query, key = self.position.before_cache(query, key, position_inputs)
             key, value = self._update_cache(key, value, cache)
-        attn_output, attn_weights = self._attend_in_blocks(query, key, value, attention_mask, position_inputs, kwargs)
+        if self.config._attn_implementation == FLEX_ATTENTION:
+            attn_output, attn_weights = flex_attention_forward(self, query, key, value, attention_mask, position_inputs)
+        else:
+            attn_output, attn_weights = self._attend_in_blocks(
+                query, key, value, attention_mask, position_inputs, kwargs
+            )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
@@ -379,7 +528,7 @@ class RelformerPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]  # either name (see CACHE_NAME)
     _supports_sdpa = True
     _supports_flash_attn = False  # flash attention cannot add the relative position bias
-    _supports_flex_attn = False
+    _supports_flex_attn = True  # every scheme: position terms as score_mods (see "Flex attention")
     _supports_attention_backend = False
     _can_compile_fullgraph = True  # tested: compiled static-cache decoding == eager
     _can_record_outputs = {
@@ -459,17 +608,17 @@ class RelformerPreTrainedModel(PreTrainedModel):
         config = self.config
         scheme = config.position_scheme
         supported = scheme.backends(config)
-        eager_only = supported == ("eager",)
-        if isinstance(attn_implementation, str) and attn_implementation not in supported and not eager_only:
+        restricted = "sdpa" not in supported  # a scheme option that needs more than SDPA can give (relative values)
+        if isinstance(attn_implementation, str) and attn_implementation not in supported:
+            if restricted:
+                raise ValueError(f"attn_implementation={attn_implementation!r} {scheme.backend_reason(config)}")
             raise ValueError(
                 f"attn_implementation={attn_implementation!r} is not supported by Relformer (yet); this config "
                 f"(position_embedding_type={config.position_embedding_type!r}) runs "
                 f"{' or '.join(map(repr, supported))}."
             )
-        if eager_only:
-            if attn_implementation not in (None, "eager"):
-                raise ValueError(f"attn_implementation={attn_implementation!r} {scheme.backend_reason(config)}")
-            attn_implementation = "eager"
+        if attn_implementation is None and restricted:
+            attn_implementation = supported[0]  # chosen by itself, not transformers' default (SDPA)
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
 
     @torch.no_grad()
@@ -603,12 +752,7 @@ class RelformerStack(RelformerPreTrainedModel):
         self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
 
         query_length = inputs_embeds.shape[1]
-        past_length, key_length = 0, query_length
-        if self_attention_cache is not None:
-            past_length = self_attention_cache.get_seq_length()
-            if isinstance(past_length, torch.Tensor):  # a static cache updates its length tensor in place
-                past_length = past_length.clone()
-            key_length = self_attention_cache.get_mask_sizes(query_length, 0)[0]
+        past_length, key_length = cache_lengths(self_attention_cache, query_length)
         if not torch.compiler.is_compiling():  # a static cache's length is data: a compiled step skips the check
             check_attention_mask(attention_mask, inputs_embeds.shape[0], int(past_length) + query_length)
         if encoder_hidden_states is not None:
@@ -624,11 +768,11 @@ class RelformerStack(RelformerPreTrainedModel):
         hidden_states = self.dropout(hidden_states)
 
         if self.is_causal:
-            mask = create_causal_mask(self.config, inputs_embeds, attention_mask, self_attention_cache, position_ids)
+            mask = causal_attention_mask(self.config, inputs_embeds, attention_mask, self_attention_cache, position_ids)
         else:
-            mask = create_bidirectional_mask(self.config, inputs_embeds, attention_mask)
+            mask = bidirectional_attention_mask(self.config, inputs_embeds, attention_mask)
         if encoder_hidden_states is not None:
-            encoder_attention_mask = create_bidirectional_mask(
+            encoder_attention_mask = bidirectional_attention_mask(
                 self.config, inputs_embeds, encoder_attention_mask, encoder_hidden_states=encoder_hidden_states
             )
 

@@ -14,7 +14,9 @@ scheme a model uses.
   `before_cache(query, key, layer_inputs) -> (query, key)` (rotary rotates q and k), and, when `adds_bias`,
   `bias(query, key, grid_block, mask) -> attention_kwargs` (run as the module's forward) for a block of query rows
   against the cached keys (`position_bias`, and for Shaw's values term `relative_values`). Attention runs every
-  bias scheme through one blocked path, so long inputs never hold an `[L, L]` bias.
+  bias scheme through one blocked path, so long inputs never hold an `[L, L]` bias. Under flex attention the same
+  part gives `score_mod(query, key, grid)` instead (its term read from `O(L·R)` tensors), and Shaw's values term
+  comes from the kernel's log-sum-exp (`flex_values_term`).
 
 Adding a scheme means writing its parts, one `PositionScheme` subclass and one entry in `POSITION_SCHEMES`.
 This file is shipped with every saved checkpoint (remote code): it imports only torch and transformers.
@@ -44,6 +46,7 @@ class NoAttentionPositions(nn.Module):
     attention part: `before_cache` leaves q and k alone, and a part that sets `adds_bias` defines `bias`."""
 
     adds_bias = False
+    adds_values = False  # Shaw's values term (flex attention then asks its kernel for the log-sum-exp)
 
     def __init__(self, config, causal: bool):
         super().__init__()
@@ -56,6 +59,21 @@ class NoAttentionPositions(nn.Module):
         """query `[B, H, rows, D]`, all keys `[B, H_kv, Lk, D]` and the `DistanceGrid` block `[rows, Lk]` (or its
         `[H, rows, Lk]` bias) -> attention kwargs with `position_bias` (plus the additive `mask` when given)."""
         raise NotImplementedError
+
+    def score_mod(self, query, key, grid) -> Callable | None:
+        """Flex attention's form of `bias`: a `score_mod(score, b, h, q_idx, kv_idx)` that adds this scheme's term to
+        the scaled scores of queries `[B, H, Lq, D]` against all keys `[B, H_kv, Lk, D]`, reading tensors of `O(L·R)`
+        elements (never `[Lq, Lk]`); `grid` is the stack's `DistanceGrid`. None: the scheme adds nothing. Written with
+        broadcasting indexing, so it also runs on index tensors of any shape (the values band of `flex_values_term`)."""
+        return None
+
+    def far_mask_mod(self, grid) -> Callable | None:
+        """A region whose log-sum-exp `flex_values_term` needs besides the whole row's (a mask_mod), or None."""
+        return None
+
+    def flex_values_term(self, query, key, grid, score_mod, mask_mod, lse, far_lse=None) -> torch.Tensor | None:
+        """The term a scheme adds to flex attention's output `[B, H, Lq, D]`, from the kernel's log-sum-exp, or None."""
+        return None
 
     def forward(self, query, key, grid_block, mask=None) -> dict:
         """`bias`, called as the module (`self.position(...)`) so that module hooks run around it: accelerate's
@@ -197,6 +215,7 @@ class DistanceGrid:
     def __init__(self, query_length, past_length, key_length, transform: Callable, device):
         self.query_length, self.past_length, self.key_length = query_length, past_length, key_length
         self.transform, self.device = transform, device
+        self._line = None
         self.whole = self._build(0, query_length, key_length) if query_length * key_length <= self.WHOLE_LIMIT else None
 
     def block(self, start: int, stop: int, key_stop: int) -> torch.Tensor:
@@ -204,6 +223,19 @@ class DistanceGrid:
         if self.whole is not None:
             return self.whole[..., start:stop, :key_stop]
         return self._build(start, stop, key_stop)
+
+    def line(self) -> torch.Tensor:
+        """The transform of every distance a query-key pair of this forward can have, `-(Lk - 1) .. Lk - 1`, as one row
+        (`[1, 2·Lk - 1]` index or `[H, 1, 2·Lk - 1]` bias), built once per forward: what flex attention's score_mods
+        read instead of an `[Lq, Lk]` grid. `line_index` finds a pair's entry."""
+        if self._line is None:
+            self._line = self.transform(torch.arange(1 - self.key_length, self.key_length, device=self.device)[None])
+        return self._line
+
+    def line_index(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        """The entry of `line()` for query `q_idx` (counted in this forward) and key `kv_idx`: their distance
+        `kv_idx - (past_length + q_idx)`, shifted by `Lk - 1`."""
+        return kv_idx - q_idx + (self.key_length - 1 - self.past_length)
 
     def _build(self, start: int, stop: int, key_stop: int) -> torch.Tensor:
         query_positions = torch.arange(start, stop, device=self.device) + self.past_length
@@ -273,6 +305,8 @@ class ShawRelativeAttention(NoAttentionPositions):
         )
         self.per_head = config.relative_attention_per_head
         self.key_query = config.relative_attention_key_query
+        self.max_distance, self.causal = k, causal
+        self.adds_values = config.relative_attention_values
         self.scaling = attention_scaling(config)
         self.relative_key_table = nn.Parameter(torch.empty(shape))
         self.relative_value_table = nn.Parameter(torch.empty(shape)) if config.relative_attention_values else None
@@ -292,6 +326,67 @@ class ShawRelativeAttention(NoAttentionPositions):
         if self.relative_value_table is not None:
             kwargs["relative_values"] = (bucket_index, self.relative_value_table, self.per_head)
         return kwargs
+
+    def score_mod(self, query, key, grid):
+        """Adds `(q_i·a^K)[bucket(i, j)]` (and `k_j·a^K` with `key_query`), read from `[B, H, L, R]` products."""
+        bucket = grid.line()[0]  # [2·Lk - 1]: the bucket of each distance
+        scores = table_product(query, self.relative_key_table, self.per_head) * self.scaling  # [B, H, Lq, R]
+        key_scores = (
+            table_product(key, self.relative_key_table, self.per_head) * self.scaling if self.key_query else None
+        )
+
+        def add_relative_keys(score, b, h, q_idx, kv_idx):
+            index = bucket[grid.line_index(q_idx, kv_idx)]
+            score = score + scores[b, h, q_idx, index].to(score.dtype)
+            if key_scores is not None:
+                score = score + key_scores[b, h, kv_idx, index].to(score.dtype)
+            return score
+
+        return add_relative_keys
+
+    def far_mask_mod(self, grid) -> Callable | None:
+        """Flex attention's values term in an encoder needs the probability mass on keys at distance `<= -k` (bucket
+        0) apart from that at `>= k`: the mask of that region (a second kernel call returns its log-sum-exp). A
+        causal stack has no second region: None."""
+        if not self.adds_values or self.causal:
+            return None
+        return lambda b, h, q_idx, kv_idx: kv_idx - q_idx - grid.past_length <= -self.max_distance
+
+    def flex_values_term(self, query, key, grid, score_mod, mask_mod, lse, far_lse=None) -> torch.Tensor | None:
+        """Shaw's values term `Σ_j α_ij a^V[bucket(i, j)]` `[B, H, Lq, D]` without the probabilities `α`: only keys
+        within distance `k - 1` have buckets of their own (a band of `W = k` keys causal, `2k - 1` bidirectional);
+        their probabilities are `exp(score - lse)` with the band's scores recomputed (`O(Lq·W·D)`); the clipped
+        buckets get the rest: causal `1 - Σ band`, bidirectional `exp(far_lse - lse)` (distances `<= -k`) and
+        `1 - Σ band - that` (distances `>= k`). `lse` `[B, H, Lq]` is the kernel's log-sum-exp of the scaled,
+        modified, masked scores; `mask_mod` its mask (None: every key)."""
+        if not self.adds_values:
+            return None
+        k, (batch, heads, query_length, _), key_length = self.max_distance, query.shape, key.shape[2]
+        if key.shape[1] != heads:  # grouped-query attention: head h reads key head h // (H / H_kv)
+            key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        device = query.device
+        offsets = torch.arange(1 - k, 1 if self.causal else k, device=device)  # band distances; bucket = offset + k
+        q_idx = torch.arange(query_length, device=device)[:, None]
+        kv_idx = q_idx + grid.past_length + offsets  # [Lq, W]
+        inside = (kv_idx >= 0) & (kv_idx < key_length)
+        kv_idx = kv_idx.clamp(0, key_length - 1)
+        band_keys = key[:, :, kv_idx]  # [B, H, Lq, W, D]
+        scores = torch.einsum("bhqd,bhqwd->bhqw", query, band_keys).float() * self.scaling
+        b = torch.arange(batch, device=device)[:, None, None, None]
+        h = torch.arange(heads, device=device)[None, :, None, None]
+        if score_mod is not None:
+            scores = score_mod(scores, b, h, q_idx[None, None], kv_idx[None, None])
+        allowed = inside if mask_mod is None else inside & mask_mod(b, h, q_idx[None, None], kv_idx[None, None])
+        lse = lse.float()
+        seen = torch.isfinite(lse)[..., None]  # a query that sees no key at all (a causal pad) has lse = -inf
+        band = torch.where(allowed & seen, torch.exp(scores - lse.where(seen[..., 0], 0.0)[..., None]), 0.0)
+        beyond = 1.0 - band.sum(-1, keepdim=True)
+        if self.causal:
+            bucket_weights = torch.cat([beyond, band], dim=-1)  # [B, H, Lq, k + 1]
+        else:
+            far = torch.exp(far_lse.float() - lse.where(seen[..., 0], 0.0))[..., None] * seen
+            bucket_weights = torch.cat([far, band, beyond - far], dim=-1)  # [B, H, Lq, 2k + 1]
+        return relative_values_term_of_buckets(bucket_weights, self.relative_value_table, self.per_head).to(query.dtype)
 
 
 def attention_scaling(config) -> float:
@@ -317,7 +412,12 @@ def relative_values_term(
     rows = table.shape[-2]
     index = bucket_index.expand_as(attn_weights)
     bucket_weights = attn_weights.new_zeros(*attn_weights.shape[:-1], rows).scatter_add_(-1, index, attn_weights)
-    table = table.to(attn_weights.dtype)
+    return relative_values_term_of_buckets(bucket_weights, table, per_head)
+
+
+def relative_values_term_of_buckets(bucket_weights: torch.Tensor, table: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """The probability mass of each distance bucket `[B, H, Lq, R]` times the values table -> `[B, H, Lq, D]`."""
+    table = table.to(bucket_weights.dtype)
     if per_head:
         return torch.einsum("bhqr,hrd->bhqd", bucket_weights, table)
     return bucket_weights @ table
@@ -337,6 +437,15 @@ class GridBias(NoAttentionPositions):
     def bias(self, query, key, grid_block, mask=None):
         position_bias = grid_block.to(query.dtype)[None]  # [1, H, rows, keys]
         return {"position_bias": position_bias if mask is None else position_bias + mask}
+
+    def score_mod(self, query, key, grid):
+        """Adds the bias of each pair's distance, read from the grid's `[H, 2·Lk - 1]` line."""
+        bias = grid.line()[:, 0].to(query.dtype)
+
+        def add_bias(score, b, h, q_idx, kv_idx):
+            return score + bias[h, grid.line_index(q_idx, kv_idx)].to(score.dtype)
+
+        return add_bias
 
 
 def t5_relative_position_bucket(
@@ -442,8 +551,9 @@ class PositionScheme:
         """Raise `ValueError` naming the field for a config this scheme cannot be built with."""
 
     def backends(self, config) -> tuple[str, ...]:
-        """The attention implementations this scheme can run with this config (the first is the default)."""
-        return ("eager", "sdpa")
+        """The attention implementations this scheme can run with this config (without "sdpa", the first is the
+        default; with it, transformers picks as for its own models)."""
+        return ("eager", "sdpa", "flex_attention")
 
     def backend_reason(self, config) -> str:
         """Why a backend missing from `backends` is missing (for the error message)."""
@@ -502,12 +612,14 @@ class RelativeScheme(PositionScheme):
             raise ValueError("relative_attention_key_query=True needs num_key_value_heads == num_attention_heads.")
 
     def backends(self, config) -> tuple[str, ...]:
-        return ("eager",) if config.relative_attention_values else ("eager", "sdpa")
+        if config.relative_attention_values:
+            return ("eager", "flex_attention")
+        return super().backends(config)
 
     def backend_reason(self, config) -> str:
         return (
             "cannot compute the relative values term (relative_attention_values=True needs the attention "
-            "probabilities): use 'eager', or set relative_attention_values=False."
+            "probabilities): use 'eager' or 'flex_attention', or set relative_attention_values=False."
         )
 
     def init_weights(self, module: nn.Module, std: float) -> None:
