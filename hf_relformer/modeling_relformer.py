@@ -19,7 +19,12 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
 from transformers.integrations.flex_attention import compile_friendly_flex_attention, get_flex_attention_lse_kwargs
-from transformers.masking_utils import and_masks, create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import (
+    and_masks,
+    create_bidirectional_mask,
+    create_causal_mask,
+    create_masks_for_generate,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -297,6 +302,14 @@ def causal_attention_mask(config, inputs_embeds, attention_mask, cache: Cache | 
             return causal if allowed is None else causal & allowed(b, q_idx, kv_idx)
 
     return flex_block_mask(mask_mod, batch, query_length, key_length, inputs_embeds.device)
+
+
+def masks_for_generate(config, inputs_embeds, attention_mask, **kwargs):
+    """What `generate()` passes for a static cache: transformers' prepared mask; under flex attention the 2-D mask
+    itself (each stack builds its block mask, uncompiled on CPU)."""
+    if config._attn_implementation == FLEX_ATTENTION:
+        return attention_mask
+    return create_masks_for_generate(config, inputs_embeds, attention_mask, **kwargs)
 
 
 def bidirectional_attention_mask(config, inputs_embeds, attention_mask, encoder_hidden_states=None):
@@ -620,6 +633,10 @@ class RelformerPreTrainedModel(PreTrainedModel):
         if attn_implementation is None and restricted:
             attn_implementation = supported[0]  # chosen by itself, not transformers' default (SDPA)
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs):
+        """Read by `generate()` with a static cache (see `masks_for_generate`)."""
+        return masks_for_generate(config, inputs_embeds, attention_mask, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

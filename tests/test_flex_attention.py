@@ -133,6 +133,16 @@ def test_cached_generate_under_flex_gives_the_logits_of_an_uncached_forward(form
     assert generate(model, ids, mask, **new).sequences.tolist() == out.sequences.tolist()
 
 
+@pytest.mark.parametrize("form", GENERATING_FORMS)
+def test_static_cache_generate_under_flex_equals_dynamic(form):
+    """With a static cache generate() prepares the masks itself: under flex the stacks still build theirs."""
+    model = GENERATING_FORMS[form]("relative_values", attn_implementation=FLEX)
+    ids, mask = left_padded(PROMPTS)
+    dynamic = generate(model, ids, mask, max_new_tokens=4, min_new_tokens=4)
+    static = generate(model, ids, mask, max_new_tokens=4, min_new_tokens=4, cache_implementation="static")
+    torch.testing.assert_close(torch.stack(static.logits, 1), torch.stack(dynamic.logits, 1), **TOLERANCE)
+
+
 @pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
 @pytest.mark.parametrize(
     ("causal", "query_length", "past"), [(True, 7, 0), (True, 3, 6), (True, 1, 2), (False, 7, 0), (False, 2, 0)]
