@@ -56,3 +56,29 @@ def test_skew_and_gather_give_the_same_keys_term():
     causal = torch.ones(17, 17).tril().bool()
     skewed, gathered = skewed_relative_logits(query, table, 5), gathered_relative_logits(query, table, 5)
     torch.testing.assert_close(skewed[..., causal], gathered[..., causal])
+
+
+def test_gpu_script_runs_every_case_on_cpu(tmp_path):
+    """`python -m benchmarks.gpu --smoke`: the P8/P9 script, ready for a GPU, runs its cases end to end at toy sizes
+    and writes one row per case, with the ratio against no-position flex for the two targets."""
+    import json
+
+    from benchmarks.gpu import CASES, NAIVE, TARGETS
+    from benchmarks.gpu import main as gpu_main
+
+    output = tmp_path / "results-gpu.json"
+    assert gpu_main(["--smoke", "--output", str(output)]) == 0
+    rows = json.loads(output.read_text())["rows"]
+    assert [row["case"] for row in rows] == [name for name, _, _ in CASES] + [NAIVE]
+    assert all(row["seconds"] > 0 for row in rows)
+    assert {row["case"] for row in rows if "ratio" in row} == set(TARGETS)
+
+
+def test_gpu_script_refuses_without_a_gpu(capsys):
+    from benchmarks.gpu import main as gpu_main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_main(["--lengths", "64"])
+    assert exit_info.value.code == 2 and "--smoke" in capsys.readouterr().err
