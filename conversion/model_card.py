@@ -35,14 +35,13 @@ def render_card(conversion: Conversion, results: dict) -> str:
     positions = config.position_embedding_type
     if positions == "relative":
         positions += f" (k = {config.relative_attention_max_distance})"
-    form = "encoder-decoder" if config.is_encoder_decoder else "decoder-only" if config.is_decoder else "encoder"
     return TEMPLATE.read_text(encoding="utf-8").format(
         pipeline_tag=pipeline_tag,
         base_model_line=f"base_model: {conversion.source_name}\n" if is_hub_name(conversion.source_name) else "",
         source_name=conversion.source_name,
         source=conversion.source,
         relformer_class=results["relformer_class"],
-        form=form,
+        form=config.form,
         positions=positions,
         layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,

@@ -297,6 +297,13 @@ class RelformerConfig(PreTrainedConfig):
         return self.final_layer_norm
 
     @property
+    def form(self) -> str:
+        """`"encoder-decoder"`, `"decoder-only"` or `"encoder"`: the shape of model this config builds."""
+        if self.is_encoder_decoder:
+            return "encoder-decoder"
+        return "decoder-only" if self.is_decoder else "encoder"
+
+    @property
     def position_scheme(self):
         """The `PositionScheme` of `position_embedding_type` (see `positions_relformer.POSITION_SCHEMES`)."""
         return POSITION_SCHEMES[self.position_embedding_type]

@@ -693,15 +693,14 @@ def _pickle_refusal(error: Exception) -> str:
 
 def _require_form(config: RelformerConfig, head: str, form: str) -> None:
     """Raise a clear error when a head is given a config of a form it cannot serve."""
-    actual = "encoder-decoder" if config.is_encoder_decoder else "decoder-only" if config.is_decoder else "encoder"
-    if actual != form:
+    if config.form != form:
         flags = {
             "decoder-only": "is_decoder=True, is_encoder_decoder=False",
             "encoder": "is_decoder=False, is_encoder_decoder=False",
             "encoder-decoder": "is_encoder_decoder=True",
         }
         article = "an" if form[0] in "ae" else "a"
-        raise ValueError(f"{head} needs {article} {form} config ({flags[form]}); this config is {actual}.")
+        raise ValueError(f"{head} needs {article} {form} config ({flags[form]}); this config is {config.form}.")
 
 
 class RelformerStack(RelformerPreTrainedModel):

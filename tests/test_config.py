@@ -47,6 +47,20 @@ def test_defaults_and_required_fields():
         assert name in config.to_dict(), name
 
 
+@pytest.mark.parametrize(
+    ("flags", "form"),
+    [
+        ({"is_decoder": True}, "decoder-only"),
+        ({"is_decoder": False}, "encoder"),
+        ({"is_encoder_decoder": True}, "encoder-decoder"),
+    ],
+)
+def test_form_names_the_shape_of_model_the_flags_build(flags, form):
+    config = RelformerConfig(**flags)
+    assert config.form == form
+    assert "form" not in config.to_dict()  # derived from the flags, never stored
+
+
 def test_explicit_values_are_kept():
     # use_cache and tie_word_embeddings are dropped silently by transformers unless declared as fields.
     config = RelformerConfig(use_cache=False, tie_word_embeddings=False, relative_attention_max_distance=7)

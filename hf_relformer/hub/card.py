@@ -13,7 +13,6 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 import hf_relformer
-from hf_relformer import RelformerConfig
 from hf_relformer.commands import run_command
 from hf_relformer.saving import write_atomically
 
@@ -43,10 +42,6 @@ class CardError(ValueError):
     """The folder cannot be described: the message names the file at fault."""
 
 
-def form_of(config: RelformerConfig) -> str:
-    return "encoder-decoder" if config.is_encoder_decoder else "decoder-only" if config.is_decoder else "encoder"
-
-
 def count_parameters(folder: Path) -> int:
     """Number of stored parameters, read from the safetensors headers (no tensor is loaded)."""
     return sum(math.prod(shape) for shape in folder_shapes(folder).values())
@@ -72,7 +67,7 @@ def render_card(
         parameters = count_parameters(folder)
     except ConversionError as error:
         raise CardError(str(error)) from error
-    form = form_of(config)
+    form = config.form
     head = (config.architectures or [""])[0]
     pipeline_tag, auto_class = HEAD_TAGS.get(head, FORMS[form])
     results = dict(results or {})

@@ -50,11 +50,12 @@ import json, sys
 sys.modules["hf_relformer"] = None
 import torch, transformers
 config = transformers.AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
-auto = {"decoder": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM"}.get(sys.argv[2], "AutoModel")
+form = sys.argv[2]  # config.form
+auto = {"decoder-only": "AutoModelForCausalLM", "encoder-decoder": "AutoModelForSeq2SeqLM"}.get(form, "AutoModel")
 model = getattr(transformers, auto).from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 ids = torch.tensor([[min(3, config.vocab_size - 1)] * 4])
-inputs = {"input_ids": ids} if sys.argv[2] != "seq2seq" else {"input_ids": ids, "decoder_input_ids": ids[:, :2]}
+inputs = {"input_ids": ids} if form != "encoder-decoder" else {"input_ids": ids, "decoder_input_ids": ids[:, :2]}
 with torch.no_grad():
     out = model(**inputs)
 values = out.logits if hasattr(out, "logits") else out.last_hidden_state
@@ -209,9 +210,8 @@ class RemoteLoadError(RuntimeError):
 
 
 def _check_remote_load(folder: Path, config, result: Validation) -> None:
-    form = "seq2seq" if config.is_encoder_decoder else "decoder" if config.is_decoder else "encoder"
     try:
-        report = run_without_package(REMOTE_CHECK, folder, form)
+        report = run_without_package(REMOTE_CHECK, folder, config.form)
     except RemoteLoadError as error:
         result.problems.append(f"the folder does not load with trust_remote_code=True without hf_relformer: {error}")
         return
