@@ -15,16 +15,19 @@ from hf_relformer.saving import output_problem
 from . import bert, bloom, gpt2, llama, t5, torch_transformer
 from .common import TOLERANCE, Conversion, ConversionError, Options, model_output, verify, write_folder
 from .model_card import render_card
+from .source import Source
 
-SOURCES: dict[str, Callable[[Path, Options], Conversion]] = {
-    "gpt2": gpt2.convert,
-    "bert": bert.convert,
-    "llama": llama.convert,
-    "bert-relative-v4": bert.convert_relative_v4,
-    "torch-transformer": torch_transformer.convert,
-    "t5": t5.convert,
-    "bloom": bloom.convert,
-}
+# Every converter, in the order `--help` lists them: a new source is its module plus one line here.
+REGISTERED = (
+    gpt2.SOURCE,
+    bert.SOURCE,
+    llama.SOURCE,
+    bert.RELATIVE_V4,
+    torch_transformer.SOURCE,
+    t5.SOURCE,
+    bloom.SOURCE,
+)
+SOURCES: dict[str, Source] = {source.name: source for source in REGISTERED}
 
 
 def convert(

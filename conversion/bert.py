@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,63 +19,57 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from hf_relformer import RelformerForMaskedLM, RelformerModel
 
-from .common import (
-    Conversion,
-    ConversionError,
-    Options,
-    SourceTensors,
-    finish,
-    load_pretrained,
-    load_tokenizer,
-    pick_architecture,
-    read_config,
-    read_state_dict,
-    source_name,
-    transformers_conversion,
-)
+from .common import SourceTensors, read_state_dict
+from .source import Located, Tensors, TransformersSource, settings
 
-ARCHITECTURES = {"BertModel": (BertModel, RelformerModel), "BertForMaskedLM": (BertForMaskedLM, RelformerForMaskedLM)}
 RELATIVE_TYPES = ("relative_key", "relative_key_query")
 
 
-def convert(path: Path, options: Options) -> Conversion:
-    """A transformers BERT folder with absolute positions."""
-    raw = read_config(path, "bert", ("bert",))
-    position_type = raw.get("position_embedding_type", "absolute")
+def refuse_relative(config: dict) -> str | None:
+    """The `bert` source takes absolute positions only."""
+    position_type = config.get("position_embedding_type", "absolute")
     if position_type != "absolute":
         hint = " (use the bert-relative-v4 converter)" if position_type in RELATIVE_TYPES else ""
-        raise ConversionError(f"bert: position_embedding_type {position_type!r} is not absolute{hint}.")
-    return _convert(path, options, raw, "bert", relative=None)
+        return f"position_embedding_type {position_type!r} is not absolute{hint}."
+    return _refuse_decoder(config)
 
 
-def convert_relative_v4(path: Path, options: Options) -> Conversion:
-    """A transformers 4 BERT folder with `relative_key` / `relative_key_query` positions."""
-    raw = read_config(path, "bert-relative-v4", ("bert",))
-    position_type = raw.get("position_embedding_type", "absolute")
+def refuse_absolute(config: dict) -> str | None:
+    """The `bert-relative-v4` source takes transformers 4's relative positions only."""
+    position_type = config.get("position_embedding_type", "absolute")
     if position_type not in RELATIVE_TYPES:
-        raise ConversionError(
-            f"bert-relative-v4: position_embedding_type must be one of {', '.join(RELATIVE_TYPES)}, got "
-            f"{position_type!r} (use the bert converter for absolute positions)."
+        return (
+            f"position_embedding_type must be one of {', '.join(RELATIVE_TYPES)}, got {position_type!r} (use the bert "
+            "converter for absolute positions)."
         )
-    return _convert(path, options, raw, "bert-relative-v4", relative=position_type)
+    return _refuse_decoder(config)
 
 
-def _convert(path: Path, options: Options, raw: dict, name: str, relative: str | None) -> Conversion:
-    source_class, head_class = ARCHITECTURES[pick_architecture(raw, name, ARCHITECTURES)]
-    if raw.get("is_decoder") or raw.get("add_cross_attention"):
-        raise ConversionError(f"{name}: decoder BERT checkpoints (is_decoder / add_cross_attention) are not supported.")
-    kwargs = {"attn_implementation": "bert_relative_v4", "read_separately": _is_distance_table} if relative else {}
-    source = load_pretrained(source_class, path, name, **kwargs)
+def _refuse_decoder(config: dict) -> str | None:
+    if config.get("is_decoder") or config.get("add_cross_attention"):
+        return "decoder BERT checkpoints (is_decoder / add_cross_attention) are not supported."
+    return None
+
+
+def relformer_config(source: BertModel, raw: dict) -> dict:
     config = source.config
-    is_mlm = head_class is RelformerForMaskedLM
-    state = source.state_dict()
-    if relative:  # transformers 5 has no distance_embedding: read those from the files
-        files = read_state_dict(path, name)
-        state |= {key: t for key, t in files.items() if _is_distance_table(key)}
-    tensors = SourceTensors(state, name, options.progress)
-    src = "bert." if is_mlm else ""
+    same = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    same += ("hidden_act", "max_position_embeddings", "layer_norm_eps", "type_vocab_size", "tie_word_embeddings")
+    relative = raw.get("position_embedding_type", "absolute") in RELATIVE_TYPES
+    return settings(config, *same, "pad_token_id") | dict(
+        position_embedding_type="relative" if relative else "learned",
+        relative_attention_max_distance=config.max_position_embeddings - 1,
+        relative_attention_key_query=raw.get("position_embedding_type") == "relative_key_query",
+        layer_norm_position="post",
+        embedding_layer_norm=True,
+        is_decoder=False,
+    )
+
+
+def map_tensors(tensors: SourceTensors, config, src: str, is_head: bool) -> tuple[Tensors, Tensors]:
     hidden, inner, positions = config.hidden_size, config.intermediate_size, config.max_position_embeddings
     head_dim = hidden // config.num_attention_heads
+    relative = any(_is_distance_table(name) for name in tensors.tensors)
 
     def linear(theirs: str, ours: str, shape: tuple[int, ...], into: dict | None = None) -> None:
         """A weight and its bias (LayerNorm too: `shape` `(hidden,)`)."""
@@ -109,11 +103,9 @@ def _convert(path: Path, options: Options, raw: dict, name: str, relative: str |
             # transformers 4 indexes its table by (i - j) + P - 1; the Relformer by clip(j - i) + k with k = P - 1
             table = tensors.take(f"{block}.attention.self.distance_embedding.weight", (2 * positions - 1, head_dim))
             mapped[f"{layer}.self_attn.position.relative_key_table"] = table.flip(0)
-    tensors.skip(
-        [f"{src}pooler.dense.weight", f"{src}pooler.dense.bias"]
-    )  # BertModel's pooler: not part of the encoder
+    tensors.skip([f"{src}pooler.dense.weight", f"{src}pooler.dense.bias"])  # BertModel's pooler: not the encoder's
     head: dict[str, torch.Tensor] = {}
-    if is_mlm:
+    if is_head:
         linear("cls.predictions.transform.dense", "lm_head.dense", (hidden, hidden), head)
         linear("cls.predictions.transform.LayerNorm", "lm_head.norm", (hidden,), head)
         head["lm_head.decoder.bias"] = tensors.take("cls.predictions.decoder.bias", (config.vocab_size,))
@@ -122,53 +114,71 @@ def _convert(path: Path, options: Options, raw: dict, name: str, relative: str |
         head |= tensors.output_layer(
             "cls.predictions.decoder.weight", "lm_head.decoder.weight", config.tie_word_embeddings, shape
         )
-    tensors.check_all_used()
+    return mapped, head
 
-    config_kwargs = dict(
-        vocab_size=config.vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=inner,
-        hidden_act=config.hidden_act,
-        max_position_embeddings=positions,
-        position_embedding_type="relative" if relative else "learned",
-        relative_attention_max_distance=positions - 1,
-        relative_attention_key_query=relative == "relative_key_query",
-        layer_norm_position="post",
-        layer_norm_eps=config.layer_norm_eps,
-        embedding_layer_norm=True,
-        type_vocab_size=config.type_vocab_size,
-        tie_word_embeddings=config.tie_word_embeddings,
-        is_decoder=False,
-        pad_token_id=config.pad_token_id,
-    )
-    model, reinitialised = finish(config_kwargs, mapped, head_class, options, "model." if is_mlm else "", head)
-    if relative:
-        _restore_relative_attention(source, state, relative, src)
-    tokenizer = load_tokenizer(path, name, config.vocab_size)
-    notes = [] if is_mlm or f"{src}pooler.dense.weight" not in state else ["BertModel's pooler is not converted."]
-    return transformers_conversion(
-        source, model, name, source_name(raw, path), tokenizer, reinitialised, path, notes, token_types=True
-    )
+
+@dataclass(frozen=True, kw_only=True)
+class BertSource(TransformersSource):
+    """A transformers BERT folder with absolute positions."""
+
+    def notes(self, source: BertModel, state: Tensors) -> list[str]:
+        return ["BertModel's pooler is not converted."] if "pooler.dense.weight" in state else []
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelativeBertSource(BertSource):
+    """A transformers 4 BERT folder with `relative_key` / `relative_key_query` positions: transformers 5 loads it
+    without its `distance_embedding` tables, which are read from the files and given back to it."""
+
+    def load_kwargs(self, located: Located) -> dict:
+        return {"attn_implementation": "bert_relative_v4", "read_separately": _is_distance_table}
+
+    def state_dict(self, source: BertModel, located: Located) -> Tensors:
+        files = read_state_dict(located.folder, self.name)
+        return source.state_dict() | {key: t for key, t in files.items() if _is_distance_table(key)}
+
+    def prepare_reference(self, source: BertModel, state: Tensors, located: Located) -> None:
+        """Give transformers 5's BERT back transformers 4's relative positions: no absolute position embeddings, and
+        a `distance_embedding` per layer read by `bert_relative_v4_attention`."""
+        bert = source.bert if hasattr(source, "bert") else source
+        src = "bert." if bert is not source else ""
+        with torch.no_grad():
+            bert.embeddings.position_embeddings.weight.zero_()
+        for i, layer in enumerate(bert.encoder.layer):
+            table = state[f"{src}encoder.layer.{i}.attention.self.distance_embedding.weight"]
+            layer.attention.self.distance_embedding = nn.Embedding.from_pretrained(table.float())
+            layer.attention.self.relative_type = located.config["position_embedding_type"]
+            layer.attention.self.max_position_embeddings = bert.config.max_position_embeddings
+
+
+BERT = dict(
+    model_type="bert",
+    architectures={
+        "BertModel": (BertModel, RelformerModel),
+        "BertForMaskedLM": (BertForMaskedLM, RelformerForMaskedLM),
+    },
+    config=relformer_config,
+    tensors=map_tensors,
+    token_types=True,
+)  # what the two BERT sources share
+SOURCE = BertSource(
+    name="bert",
+    help="a transformers BertModel / BertForMaskedLM folder (absolute positions)",
+    refuse=refuse_relative,
+    **BERT,
+)
+RELATIVE_V4 = RelativeBertSource(
+    name="bert-relative-v4",
+    help="a BERT folder saved by transformers 4 with position_embedding_type relative_key or relative_key_query "
+    "(transformers 5 no longer runs these)",
+    refuse=refuse_absolute,
+    **BERT,
+)
 
 
 def _is_distance_table(name: str) -> bool:
     """transformers 4's relative-position table of a layer, which transformers 5's BERT does not have."""
     return name.endswith("attention.self.distance_embedding.weight")
-
-
-def _restore_relative_attention(source: nn.Module, state: dict, relative: str, src: str) -> None:
-    """Give transformers 5's BERT back transformers 4's relative positions: no absolute position embeddings, and a
-    `distance_embedding` per layer read by `bert_relative_v4_attention`."""
-    bert = source.bert if hasattr(source, "bert") else source
-    with torch.no_grad():
-        bert.embeddings.position_embeddings.weight.zero_()
-    for i, layer in enumerate(bert.encoder.layer):
-        table = state[f"{src}encoder.layer.{i}.attention.self.distance_embedding.weight"]
-        layer.attention.self.distance_embedding = nn.Embedding.from_pretrained(table.float())
-        layer.attention.self.relative_type = relative
-        layer.attention.self.max_position_embeddings = bert.config.max_position_embeddings
 
 
 def bert_relative_v4_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

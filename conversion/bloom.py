@@ -12,47 +12,43 @@ every real token of a row alike, so both give the same outputs for the real toke
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from transformers import BloomForCausalLM, BloomModel
 
 from hf_relformer import RelformerForCausalLM, RelformerModel
 
-from .common import (
-    Conversion,
-    ConversionError,
-    Options,
-    SourceTensors,
-    finish,
-    load_pretrained,
-    load_tokenizer,
-    pick_architecture,
-    read_config,
-    source_name,
-    transformers_conversion,
-)
-
-ARCHITECTURES = {
-    "BloomForCausalLM": (BloomForCausalLM, RelformerForCausalLM),
-    "BloomModel": (BloomModel, RelformerModel),
-}
+from .common import SourceTensors
+from .source import Tensors, TransformersSource, causal_lm_head, decoder_settings, settings
 
 
-def convert(path: Path, options: Options) -> Conversion:
-    raw = read_config(path, "bloom", ("bloom",))
-    source_class, head_class = ARCHITECTURES[pick_architecture(raw, "bloom", ARCHITECTURES)]
-    source = load_pretrained(source_class, path, "bloom")
-    config = source.config
-    if config.apply_residual_connection_post_layernorm:
-        raise ConversionError(
-            "bloom: apply_residual_connection_post_layernorm=True is not supported (Relformer's residual branches "
-            "start from the layer input)."
+def refuse(config: dict) -> str | None:
+    if config.get("apply_residual_connection_post_layernorm", False):
+        return (
+            "apply_residual_connection_post_layernorm=True is not supported (Relformer's residual branches start "
+            "from the layer input)."
         )
+    return None
+
+
+def relformer_config(source: BloomModel, raw: dict) -> dict:
+    config = source.config
+    return settings(
+        config, "vocab_size", "hidden_size", num_hidden_layers="n_layer", num_attention_heads="n_head",
+        layer_norm_eps="layer_norm_epsilon",
+    ) | dict(
+        intermediate_size=4 * config.hidden_size,
+        hidden_act="gelu_new",
+        position_embedding_type="alibi",
+        layer_norm_position="pre",
+        embedding_layer_norm=True,
+        attention_bias=True,
+        mlp_bias=True,
+        **decoder_settings(config),
+    )  # fmt: skip
+
+
+def map_tensors(tensors: SourceTensors, config, src: str, is_head: bool) -> tuple[Tensors, Tensors]:
     hidden, heads = config.hidden_size, config.n_head
     head_dim, inner = hidden // heads, 4 * hidden
-    is_lm = head_class is RelformerForCausalLM
-    tensors = SourceTensors(source.state_dict(), "bloom", options.progress)
-    src = "transformer." if is_lm else ""
 
     def linear(theirs: str, ours: str, shape: tuple[int, int]) -> None:
         mapped[f"{ours}.weight"] = tensors.take(f"{theirs}.weight", shape)
@@ -76,31 +72,18 @@ def convert(path: Path, options: Options) -> Conversion:
     for theirs, ours in norms:
         mapped[f"{ours}.weight"] = tensors.take(f"{theirs}.weight", (hidden,))
         mapped[f"{ours}.bias"] = tensors.take(f"{theirs}.bias", (hidden,))
-    shape = (config.vocab_size, hidden)
-    head = tensors.output_layer("lm_head.weight", "lm_head.weight", config.tie_word_embeddings, shape) if is_lm else {}
-    tensors.check_all_used()
+    return mapped, causal_lm_head(tensors, config, hidden, is_head)
 
-    config_kwargs = dict(
-        vocab_size=config.vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=heads,
-        intermediate_size=inner,
-        hidden_act="gelu_new",
-        position_embedding_type="alibi",
-        layer_norm_position="pre",
-        layer_norm_eps=config.layer_norm_epsilon,
-        embedding_layer_norm=True,
-        attention_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=config.tie_word_embeddings,
-        is_decoder=True,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-    )
-    model, reinitialised = finish(config_kwargs, mapped, head_class, options, "model." if is_lm else "", head)
-    tokenizer = load_tokenizer(path, "bloom", config.vocab_size)
-    return transformers_conversion(
-        source, model, "bloom", source_name(raw, path), tokenizer, reinitialised, tokenizer_dir=path
-    )
+
+SOURCE = TransformersSource(
+    name="bloom",
+    help="a transformers BloomForCausalLM / BloomModel folder (alibi positions)",
+    model_type="bloom",
+    architectures={
+        "BloomForCausalLM": (BloomForCausalLM, RelformerForCausalLM),
+        "BloomModel": (BloomModel, RelformerModel),
+    },
+    refuse=refuse,
+    config=relformer_config,
+    tensors=map_tensors,
+)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 from pathlib import Path
 
 from hf_relformer.commands import run_command
@@ -12,29 +13,36 @@ from hf_relformer.saving import output_problem
 
 from .api import SOURCES, convert
 from .common import TOLERANCE, ConversionError, Options
+from .source import Flag
 
-EPILOG = """sources:
-  gpt2               a transformers GPT2LMHeadModel / GPT2Model folder
-  bert               a transformers BertModel / BertForMaskedLM folder (absolute positions)
-  llama              a transformers LlamaForCausalLM / LlamaModel folder, or a GGUF file (INPUT.gguf, or
-                     INPUT folder + --gguf-file NAME), dequantized by transformers' GGUF loader
-  bert-relative-v4   a BERT folder saved by transformers 4 with position_embedding_type relative_key or
-                     relative_key_query (transformers 5 no longer runs these)
-  torch-transformer  a torch.nn.Transformer / nn.TransformerEncoder state dict (.safetensors, or .pt read with
-                     weights_only=True) and --hparams FILE.json with its constructor arguments
-  t5                 a transformers T5ForConditionalGeneration / T5EncoderModel folder (t5 positions)
-  bloom              a transformers BloomForCausalLM / BloomModel folder (alibi positions)
-
-The output folder holds model.safetensors, config.json, the tokenizer files of the source, the generation config,
-the modeling code (for trust_remote_code=True), a model card (README.md) and conversion.json (the verification).
+OUTPUT_FILES = """The output folder holds model.safetensors, config.json, the tokenizer files of the source, the
+generation config, the modeling code (for trust_remote_code=True), a model card (README.md) and conversion.json (the
+verification).
 """
+
+
+def epilog() -> str:
+    """The sources, each with its help from the registry, then what the output folder holds."""
+    width = max(map(len, SOURCES)) + 2
+    wrap = textwrap.TextWrapper(width=118, initial_indent="  ", subsequent_indent=" " * (width + 2))
+    lines = [wrap.fill(f"{name:<{width}}{source.help}") for name, source in SOURCES.items()]
+    return "sources:\n" + "\n".join(lines) + "\n\n" + OUTPUT_FILES
+
+
+def flags() -> dict[str, tuple[Flag, list[str]]]:
+    """Every source-specific flag, with the sources that take it."""
+    found: dict[str, tuple[Flag, list[str]]] = {}
+    for name, source in SOURCES.items():
+        for flag in source.flags:
+            found.setdefault(flag.name, (flag, []))[1].append(name)
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relformer-convert",
         description="Convert a checkpoint into a Relformer checkpoint, verified numerically against the source.",
-        epilog=EPILOG,
+        epilog=epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", choices=list(SOURCES), help="kind of checkpoint to convert")
@@ -54,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-initialise positions with this scheme for fine-tuning (outputs then differ from the source)",
     )
     parser.add_argument("--relative-attention-max-distance", type=int, metavar="K", help="k of relative positions")
-    parser.add_argument("--gguf-file", help="llama: name of the GGUF file inside INPUT")
-    parser.add_argument("--hparams", type=Path, help="torch-transformer: JSON of the module's constructor arguments")
+    for flag, sources in flags().values():
+        parser.add_argument(
+            flag.option, type=flag.type, metavar=flag.metavar, help=f"{', '.join(sources)}: {flag.help}"
+        )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -67,18 +77,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--tolerance must be a positive number, got {args.tolerance}")
     if args.relative_attention_max_distance is not None and args.relative_attention_max_distance < 1:
         parser.error("--relative-attention-max-distance must be a positive integer")
-    if args.gguf_file and args.source != "llama":
-        parser.error("--gguf-file applies to the llama source only")
-    if args.hparams and args.source != "torch-transformer":
-        parser.error("--hparams applies to the torch-transformer source only")
-    if args.source == "torch-transformer" and not args.hparams:
-        parser.error("the torch-transformer source needs --hparams FILE.json (the module's constructor arguments)")
+    source = SOURCES[args.source]
+    for flag, sources in flags().values():
+        if getattr(args, flag.name) is not None and args.source not in sources:
+            parser.error(f"{flag.option} applies to the {' and '.join(sources)} source only")
+    for flag in source.flags:
+        if flag.required and getattr(args, flag.name) is None:
+            parser.error(f"the {args.source} source needs {flag.option} {flag.metavar or ''} ({flag.help})")
     if not args.input.exists():
         parser.error(f"input {args.input} does not exist")
-    if args.hparams and not args.hparams.is_file():
-        parser.error(f"--hparams {args.hparams} is not a file")
-    if args.gguf_file and args.input.is_dir() and not (args.input / args.gguf_file).is_file():
-        parser.error(f"--gguf-file: {args.input / args.gguf_file} does not exist")
+    for flag in source.flags:
+        value = getattr(args, flag.name)
+        problem = None if value is None else flag.check(value, args.input)
+        if problem:
+            parser.error(f"{flag.option}: {problem}")
     problem = output_problem(args.output)
     if problem:
         parser.error(f"output: {problem}")
@@ -89,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(
         position_embedding_type=args.position_embedding_type,
         relative_attention_max_distance=args.relative_attention_max_distance,
-        gguf_file=args.gguf_file,
-        hparams=args.hparams,
+        **{name: getattr(args, name) for name in flags()},
         progress=not args.no_progress,
     )
     return run_command(

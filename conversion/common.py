@@ -198,35 +198,6 @@ def sample_inputs(tokenizer, vocab_size: int, token_types: bool = False) -> dict
     return dict(batch)
 
 
-def transformers_conversion(
-    source: torch.nn.Module,
-    model: torch.nn.Module,
-    name: str,
-    source_label: str,
-    tokenizer,
-    reinitialised: bool,
-    tokenizer_dir: Path | None = None,
-    notes: Iterable[str] = (),
-    token_types: bool = False,
-) -> Conversion:
-    """The `Conversion` of a transformers source model: its own forward is the reference, comparing logits for a head
-    with a language-modelling output and `last_hidden_state` for a bare model."""
-    output = "logits" if hasattr(model, "lm_head") else "last_hidden_state"
-    return Conversion(
-        model=model,
-        reference=lambda inputs: getattr(source(**inputs), output),
-        inputs=sample_inputs(tokenizer, source.config.vocab_size, token_types),
-        source=name,
-        source_name=source_label,
-        output_name=output,
-        tokenizer=tokenizer,
-        tokenizer_dir=tokenizer_dir,
-        generation_config=source.generation_config if model.can_generate() else None,
-        notes=list(notes),
-        positions_reinitialised=reinitialised,
-    )
-
-
 def model_output(conversion: Conversion, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return getattr(conversion.model(**inputs), conversion.output_name)
@@ -301,7 +272,6 @@ class Options:
     relative_attention_max_distance: int | None = None
     gguf_file: str | None = None  # llama: a GGUF file (inside INPUT, or INPUT itself)
     hparams: Path | None = None  # torch-transformer: JSON of the module's constructor arguments
-    causal: bool = False  # torch-transformer: an nn.TransformerEncoder used with a causal mask
     progress: bool = True
 
 

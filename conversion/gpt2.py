@@ -2,44 +2,47 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from transformers import GPT2LMHeadModel, GPT2Model
 
 from hf_relformer import RelformerForCausalLM, RelformerModel
 
-from .common import (
-    Conversion,
-    ConversionError,
-    Options,
-    SourceTensors,
-    finish,
-    load_pretrained,
-    load_tokenizer,
-    pick_architecture,
-    read_config,
-    source_name,
-    transformers_conversion,
-)
-
-ARCHITECTURES = {"GPT2LMHeadModel": (GPT2LMHeadModel, RelformerForCausalLM), "GPT2Model": (GPT2Model, RelformerModel)}
+from .common import SourceTensors
+from .source import Tensors, TransformersSource, causal_lm_head, decoder_settings, settings
 
 
-def convert(path: Path, options: Options) -> Conversion:
-    raw = read_config(path, "gpt2", ("gpt2",))
-    source_class, head_class = ARCHITECTURES[pick_architecture(raw, "gpt2", ARCHITECTURES)]
-    source = load_pretrained(source_class, path, "gpt2")
-    config = source.config
-    if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
-        raise ConversionError(
-            "gpt2: scale_attn_by_inverse_layer_idx=True or scale_attn_weights=False are not supported "
+def refuse(config: dict) -> str | None:
+    if config.get("scale_attn_by_inverse_layer_idx", False) or not config.get("scale_attn_weights", True):
+        return (
+            "scale_attn_by_inverse_layer_idx=True or scale_attn_weights=False are not supported "
             "(Relformer scales attention scores by 1/sqrt(head_dim))."
         )
+    return None
+
+
+def relformer_config(source: GPT2Model, raw: dict) -> dict:
+    config = source.config
+    return settings(
+        config,
+        "vocab_size",
+        hidden_size="n_embd",
+        num_hidden_layers="n_layer",
+        num_attention_heads="n_head",
+        hidden_act="activation_function",
+        max_position_embeddings="n_positions",
+        layer_norm_eps="layer_norm_epsilon",
+    ) | dict(
+        intermediate_size=config.n_inner or 4 * config.n_embd,
+        position_embedding_type="learned",
+        layer_norm_position="pre",
+        attention_bias=True,
+        mlp_bias=True,
+        **decoder_settings(config),
+    )
+
+
+def map_tensors(tensors: SourceTensors, config, src: str, is_head: bool) -> tuple[Tensors, Tensors]:
     hidden = config.n_embd
     inner = config.n_inner or 4 * hidden
-    is_lm = head_class is RelformerForCausalLM
-    tensors = SourceTensors(source.state_dict(), "gpt2", options.progress)
-    src = "transformer." if is_lm else ""
 
     def conv1d(name: str, shape: tuple[int, int]):
         """GPT-2's Conv1D stores `[in, out]`; nn.Linear wants `[out, in]`."""
@@ -66,31 +69,18 @@ def convert(path: Path, options: Options) -> Conversion:
             ("mlp.c_proj", "mlp.down_proj", (inner, hidden)),
         ):
             mapped[f"{layer}.{ours}.weight"], mapped[f"{layer}.{ours}.bias"] = conv1d(f"{block}.{theirs}", shape)
-    shape = (config.vocab_size, hidden)
-    head = tensors.output_layer("lm_head.weight", "lm_head.weight", config.tie_word_embeddings, shape) if is_lm else {}
-    tensors.check_all_used()
+    return mapped, causal_lm_head(tensors, config, hidden, is_head)
 
-    config_kwargs = dict(
-        vocab_size=config.vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        intermediate_size=inner,
-        hidden_act=config.activation_function,
-        max_position_embeddings=config.n_positions,
-        position_embedding_type="learned",
-        layer_norm_position="pre",
-        layer_norm_eps=config.layer_norm_epsilon,
-        attention_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=config.tie_word_embeddings,
-        is_decoder=True,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-    )
-    model, reinitialised = finish(config_kwargs, mapped, head_class, options, "model." if is_lm else "", head)
-    tokenizer = load_tokenizer(path, "gpt2", config.vocab_size)
-    return transformers_conversion(
-        source, model, "gpt2", source_name(raw, path), tokenizer, reinitialised, tokenizer_dir=path
-    )
+
+SOURCE = TransformersSource(
+    name="gpt2",
+    help="a transformers GPT2LMHeadModel / GPT2Model folder",
+    model_type="gpt2",
+    architectures={
+        "GPT2LMHeadModel": (GPT2LMHeadModel, RelformerForCausalLM),
+        "GPT2Model": (GPT2Model, RelformerModel),
+    },
+    refuse=refuse,
+    config=relformer_config,
+    tensors=map_tensors,
+)

@@ -3,51 +3,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers import LlamaForCausalLM, LlamaModel
 
 from hf_relformer import RelformerForCausalLM, RelformerModel
 
-from .common import (
-    Conversion,
-    ConversionError,
-    Options,
-    SourceTensors,
-    finish,
-    load_pretrained,
-    load_tokenizer,
-    pick_architecture,
-    read_config,
-    source_name,
-    transformers_conversion,
-)
-
-ARCHITECTURES = {
-    "LlamaForCausalLM": (LlamaForCausalLM, RelformerForCausalLM),
-    "LlamaModel": (LlamaModel, RelformerModel),
-}
+from .common import ConversionError, Options, SourceTensors
+from .source import Flag, Located, Tensors, TransformersSource, causal_lm_head, decoder_settings, settings
 
 
-def convert(path: Path, options: Options) -> Conversion:
-    folder, gguf_file = _locate(path, options.gguf_file)
-    if gguf_file is None:
-        raw = read_config(folder, "llama", ("llama",))
-        source_class, head_class = ARCHITECTURES[pick_architecture(raw, "llama", ARCHITECTURES)]
-        source = load_pretrained(source_class, folder, "llama")
-    else:
-        source_class, head_class = LlamaForCausalLM, RelformerForCausalLM
-        source = load_pretrained(source_class, folder, "llama", gguf_file=gguf_file)
-        if source.config.model_type != "llama":
-            raise ConversionError(f"llama: {gguf_file} holds a {source.config.model_type!r} model, not llama.")
-        raw = {"_name_or_path": source.config._name_or_path}
-    config: LlamaConfig = source.config
-    is_lm = head_class is RelformerForCausalLM
-    tensors = SourceTensors(source.state_dict(), "llama", options.progress)
-    src = "model." if is_lm else ""
+def relformer_config(source: LlamaModel, raw: dict) -> dict:
+    config = source.config
+    same = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+    same += ("intermediate_size", "hidden_act", "max_position_embeddings", "attention_bias", "mlp_bias")
+    return settings(config, *same, layer_norm_eps="rms_norm_eps") | dict(
+        position_embedding_type="rotary",
+        rope_parameters=dict(config.rope_parameters),
+        layer_norm_position="pre",
+        norm_type="rms_norm",
+        feed_forward_type="gated",
+        **decoder_settings(config),
+    )
+
+
+def map_tensors(tensors: SourceTensors, config, src: str, is_head: bool) -> tuple[Tensors, Tensors]:
     hidden, inner, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
     q_size, kv_size = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-
     mapped = {
         "embed_tokens.weight": tensors.take(f"{src}embed_tokens.weight", (config.vocab_size, hidden)),
         "norm.weight": tensors.take(f"{src}norm.weight", (hidden,)),
@@ -69,46 +52,32 @@ def convert(path: Path, options: Options) -> Conversion:
                 mapped[f"{layer}.{name}.bias"] = tensors.take(f"{block}.{name}.bias", (rows,))
         mapped[f"{layer}.self_attn_norm.weight"] = tensors.take(f"{block}.input_layernorm.weight", (hidden,))
         mapped[f"{layer}.mlp_norm.weight"] = tensors.take(f"{block}.post_attention_layernorm.weight", (hidden,))
-    shape = (config.vocab_size, hidden)
-    head = tensors.output_layer("lm_head.weight", "lm_head.weight", config.tie_word_embeddings, shape) if is_lm else {}
-    tensors.check_all_used()
+    return mapped, causal_lm_head(tensors, config, hidden, is_head)
 
-    config_kwargs = dict(
-        vocab_size=config.vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=head_dim,
-        intermediate_size=inner,
-        hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings,
-        position_embedding_type="rotary",
-        rope_parameters=dict(config.rope_parameters),
-        layer_norm_position="pre",
-        norm_type="rms_norm",
-        layer_norm_eps=config.rms_norm_eps,
-        feed_forward_type="gated",
-        attention_bias=config.attention_bias,
-        mlp_bias=config.mlp_bias,
-        tie_word_embeddings=config.tie_word_embeddings,
-        is_decoder=True,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-    )
-    model, reinitialised = finish(config_kwargs, mapped, head_class, options, "model." if is_lm else "", head)
-    tokenizer = load_tokenizer(folder, "llama", config.vocab_size, **({"gguf_file": gguf_file} if gguf_file else {}))
-    return transformers_conversion(
-        source,
-        model,
-        "llama",
-        source_name(raw, folder if gguf_file is None else folder / gguf_file),
-        tokenizer,
-        reinitialised,
-        tokenizer_dir=folder if gguf_file is None else None,  # a GGUF's tokenizer is rebuilt and saved instead
-        notes=[f"Weights dequantized from the GGUF file {gguf_file} by transformers."] if gguf_file else [],
-    )
+
+@dataclass(frozen=True, kw_only=True)
+class LlamaSource(TransformersSource):
+    """A Llama folder, or a GGUF file: INPUT.gguf, or an INPUT folder with `--gguf-file NAME`."""
+
+    def locate(self, path: Path, options: Options) -> Located:
+        folder, gguf_file = _locate(path, options.gguf_file)
+        if gguf_file is None:
+            return super().locate(folder, options)
+        return Located(
+            folder=folder,
+            config={},  # the GGUF's metadata, read by transformers: its model type is checked in `state_dict`
+            classes=(LlamaForCausalLM, RelformerForCausalLM),
+            load_kwargs={"gguf_file": gguf_file},
+            label=folder / gguf_file,
+            tokenizer_dir=None,  # a GGUF's tokenizer is rebuilt and saved instead
+            notes=[f"Weights dequantized from the GGUF file {gguf_file} by transformers."],
+        )
+
+    def state_dict(self, source: LlamaModel, located: Located) -> Tensors:
+        gguf_file = located.load_kwargs.get("gguf_file")
+        if gguf_file is not None and source.config.model_type != "llama":
+            raise ConversionError(f"llama: {gguf_file} holds a {source.config.model_type!r} model, not llama.")
+        return source.state_dict()
 
 
 def _locate(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
@@ -120,3 +89,24 @@ def _locate(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
     if gguf_file is not None and not (path / gguf_file).is_file():
         raise ConversionError(f"llama: {path / gguf_file} does not exist.")
     return path, gguf_file
+
+
+def _gguf_file_problem(name: str, input_path: Path) -> str | None:
+    if input_path.is_dir() and not (input_path / name).is_file():
+        return f"{input_path / name} does not exist"
+    return None
+
+
+SOURCE = LlamaSource(
+    name="llama",
+    help="a transformers LlamaForCausalLM / LlamaModel folder, or a GGUF file (INPUT.gguf, or INPUT folder + "
+    "--gguf-file NAME), dequantized by transformers' GGUF loader",
+    flags=(Flag("gguf_file", "name of the GGUF file inside INPUT", metavar="NAME", check=_gguf_file_problem),),
+    model_type="llama",
+    architectures={
+        "LlamaForCausalLM": (LlamaForCausalLM, RelformerForCausalLM),
+        "LlamaModel": (LlamaModel, RelformerModel),
+    },
+    config=relformer_config,
+    tensors=map_tensors,
+)

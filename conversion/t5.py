@@ -9,52 +9,24 @@ divide the scores by sqrt(head_dim)), `norm_type="rms_norm"` (T5LayerNorm: no ce
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from transformers import T5EncoderModel, T5ForConditionalGeneration
 
 from hf_relformer import RelformerForConditionalGeneration, RelformerModel
 
-from .common import (
-    Conversion,
-    Options,
-    SourceTensors,
-    finish,
-    load_pretrained,
-    load_tokenizer,
-    pick_architecture,
-    read_config,
-    source_name,
-    transformers_conversion,
-)
+from .common import Conversion, SourceTensors
+from .source import Tensors, TransformersSource
 
-ARCHITECTURES = {
-    "T5ForConditionalGeneration": (T5ForConditionalGeneration, RelformerForConditionalGeneration),
-    "T5EncoderModel": (T5EncoderModel, RelformerModel),
-}
 DECODER_SAMPLE_LENGTH = 9  # decoder inputs of the verification (seeded random ids after the start token)
 
 
-def convert(path: Path, options: Options) -> Conversion:
-    raw = read_config(path, "t5", ("t5",))
-    source_class, head_class = ARCHITECTURES[pick_architecture(raw, "t5", ARCHITECTURES)]
-    source = load_pretrained(source_class, path, "t5")
+def relformer_config(source: T5EncoderModel, raw: dict) -> dict:
     config = source.config
-    is_lm = head_class is RelformerForConditionalGeneration
-    tensors = SourceTensors(source.state_dict(), "t5", options.progress)
-    shared = tensors.take("shared.weight", (config.vocab_size, config.d_model))
-    tied = is_lm and torch.equal(tensors.tensors["lm_head.weight"], tensors.tensors["shared.weight"])
-    tensors.skip(["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"])
-
-    mapped = _stack(tensors, config, shared, "encoder.", "encoder." if is_lm else "", config.num_layers, False)
-    if is_lm:
-        mapped |= _stack(tensors, config, shared, "decoder.", "decoder.", config.num_decoder_layers, True)
-    shape = (config.vocab_size, config.d_model)
-    head = tensors.output_layer("lm_head.weight", "lm_head.weight", tied, shape) if is_lm else {}
-    tensors.check_all_used()
-
-    config_kwargs = dict(
+    is_lm = hasattr(source, "lm_head")
+    tied = _tied(source.state_dict(), is_lm)
+    settings = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.d_model,
         num_hidden_layers=config.num_layers,
@@ -80,26 +52,58 @@ def convert(path: Path, options: Options) -> Conversion:
         eos_token_id=config.eos_token_id,
     )
     if is_lm:
-        config_kwargs.update(
+        settings.update(
             is_encoder_decoder=True,
             encoder_layers=config.num_layers,
             decoder_layers=config.num_decoder_layers,
             decoder_start_token_id=config.decoder_start_token_id,
             scale_lm_head_input=bool(getattr(config, "scale_decoder_outputs", tied)),
         )
-    model, reinitialised = finish(config_kwargs, mapped, head_class, options, "model." if is_lm else "", head)
-    tokenizer = load_tokenizer(path, "t5", config.vocab_size)
-    conversion = transformers_conversion(
-        source, model, "t5", source_name(raw, path), tokenizer, reinitialised, tokenizer_dir=path
-    )
-    if is_lm:  # compare the logits of every decoder position (T5's decoder starts with decoder_start_token_id)
+    return settings
+
+
+def map_tensors(tensors: SourceTensors, config, src: str, is_head: bool) -> tuple[Tensors, Tensors]:
+    shared = tensors.take("shared.weight", (config.vocab_size, config.d_model))
+    tensors.skip(["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"])
+    mapped = _stack(tensors, config, shared, "encoder.", "encoder." if is_head else "", config.num_layers, False)
+    if not is_head:
+        return mapped, {}
+    mapped |= _stack(tensors, config, shared, "decoder.", "decoder.", config.num_decoder_layers, True)
+    shape = (config.vocab_size, config.d_model)
+    return mapped, tensors.output_layer("lm_head.weight", "lm_head.weight", _tied(tensors.tensors, is_head), shape)
+
+
+def _tied(state: Tensors, is_lm: bool) -> bool:
+    """T5 ties its LM head to the shared embedding when the two tensors are one."""
+    return is_lm and torch.equal(state["lm_head.weight"], state["shared.weight"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class T5Source(TransformersSource):
+    def complete(self, conversion: Conversion, source: T5EncoderModel) -> Conversion:
+        """Compare the logits of every decoder position (T5's decoder starts with decoder_start_token_id)."""
+        if not hasattr(source, "lm_head"):
+            return conversion
         batch = conversion.inputs["input_ids"].shape[0]
         generator = torch.Generator().manual_seed(1)
-        decoder_ids = torch.randint(0, config.vocab_size, (batch, DECODER_SAMPLE_LENGTH), generator=generator)
-        decoder_ids[:, 0] = config.decoder_start_token_id
+        decoder_ids = torch.randint(0, source.config.vocab_size, (batch, DECODER_SAMPLE_LENGTH), generator=generator)
+        decoder_ids[:, 0] = source.config.decoder_start_token_id
         conversion.inputs["decoder_input_ids"] = decoder_ids
         conversion.compare_mask = torch.ones_like(decoder_ids)
-    return conversion
+        return conversion
+
+
+SOURCE = T5Source(
+    name="t5",
+    help="a transformers T5ForConditionalGeneration / T5EncoderModel folder (t5 positions)",
+    model_type="t5",
+    architectures={
+        "T5ForConditionalGeneration": (T5ForConditionalGeneration, RelformerForConditionalGeneration),
+        "T5EncoderModel": (T5EncoderModel, RelformerModel),
+    },
+    config=relformer_config,
+    tensors=map_tensors,
+)
 
 
 def _stack(

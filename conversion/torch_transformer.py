@@ -25,6 +25,7 @@ from torch import nn
 from hf_relformer import RelformerModel
 
 from .common import Conversion, ConversionError, Options, SourceTensors, finish, read_json, read_state_dict
+from .source import Flag, Source
 
 MODULES = ("Transformer", "TransformerEncoder")
 KNOWN_KEYS = {
@@ -241,3 +242,25 @@ def _sample(module: nn.Module, hparams: dict, encoder_decoder: bool, causal: boo
         return module(inputs["inputs_embeds"], src_key_padding_mask=~inputs["attention_mask"].bool())
 
     return inputs, None, run
+
+
+def _hparams_problem(path: Path, input_path: Path) -> str | None:
+    return None if path.is_file() else f"{path} is not a file"
+
+
+SOURCE = Source(
+    name="torch-transformer",
+    help="a torch.nn.Transformer / nn.TransformerEncoder state dict (.safetensors, or .pt read with weights_only=True) "
+    "and --hparams FILE.json with its constructor arguments",
+    run=convert,
+    flags=(
+        Flag(
+            "hparams",
+            "JSON of the module's constructor arguments",
+            type=Path,
+            metavar="FILE.json",
+            required=True,
+            check=_hparams_problem,
+        ),
+    ),
+)

@@ -5,6 +5,7 @@ errors and leave nothing behind."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from transformers import (
 
 from hf_relformer import RelformerForCausalLM, conversion
 from hf_relformer.conversion.cli import main
+from hf_relformer.conversion.source import Flag, Source
 
 from helpers import ASSETS, REPO_ROOT, redraw_weights, run_remote_code
 
@@ -541,6 +543,33 @@ def test_interrupted_write_keeps_the_previous_output(gpt2_folder, tmp_path, monk
         conversion.convert("gpt2", gpt2_folder, output, conversion.Options(progress=False), force=True)
     assert {path.name: path.read_bytes() for path in output.iterdir()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_one_registry_entry_is_all_a_new_source_needs(gpt2_folder, tmp_path, monkeypatch, capsys):
+    """A `Source` added to `SOURCES` is listed by --help, takes its own flag (refused for other sources, checked, and
+    passed on in `Options`) and converts."""
+    seen = []
+
+    def convert(path, options):
+        seen.append(options.hparams)
+        return conversion.api.SOURCES["gpt2"](path, options)
+
+    flag = Flag("hparams", "a file", type=Path, check=lambda value, path: None if value.is_file() else "no such file")
+    source = Source(name="gpt2-copy", help="GPT-2 again, under another name", run=convert, flags=(flag,))
+    monkeypatch.setitem(conversion.api.SOURCES, source.name, source)
+    monkeypatch.delitem(conversion.api.SOURCES, "torch-transformer")  # the new source alone takes --hparams
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert re.search(r"\n  gpt2-copy +GPT-2 again, under another name\n", capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["gpt2", str(gpt2_folder), str(tmp_path / "o"), "--hparams", str(gpt2_folder / "config.json")])
+    assert "--hparams applies to the gpt2-copy source only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["gpt2-copy", str(gpt2_folder), str(tmp_path / "o"), "--hparams", str(tmp_path / "missing")])
+    assert "no such file" in capsys.readouterr().err
+    results = converted("gpt2-copy", gpt2_folder, tmp_path / "out", "--hparams", str(gpt2_folder / "config.json"))
+    assert results["source"] == "gpt2-copy" and results["verified"]
+    assert seen == [gpt2_folder / "config.json"]
 
 
 def test_console_script_is_installed(tmp_path):
