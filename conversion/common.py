@@ -5,7 +5,8 @@ the source's weights, a reference function that runs the source itself, and samp
 reports the largest difference; `write_folder` writes the complete checkpoint folder in one atomic step.
 
 Reading files is shared by every command (`read_json`, `safetensors_shapes`, `check_weight_files`, `load_pretrained`,
-`load_tokenizer`, `read_state_dict`, `load_relformer_config`, `weight_problems`): a damaged, empty, truncated or
+`load_tokenizer`, `read_state_dict`, `load_relformer_config`; how tensors fit a config is `modeling_relformer`'s
+`CheckpointFit`): a damaged, empty, truncated or
 mismatched file is a `ConversionError` (`UnreadableFile` for a file that cannot be read at all) naming the file and
 the problem, and pickles are only ever read with `weights_only=True`.
 """
@@ -27,7 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from hf_relformer import RelformerConfig, modeling_relformer
+from hf_relformer import RelformerConfig
+from hf_relformer.modeling_relformer import CheckpointFit, pickle_refusal
 from hf_relformer.positions_relformer import POSITION_SCHEMES
 from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
 
@@ -282,10 +284,9 @@ def why_unreadable(error: BaseException, path: Path | None = None) -> str:
     if path is not None and path.is_file() and path.stat().st_size == 0:
         return "the file is empty (0 bytes)"
     if refused_pickle(error):
-        detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
         return (
             "it is a pickle that needs more than tensors to load, and unpickling it could run code, so it was refused"
-            f" ({detail or 'weights_only=True'}); convert it to safetensors where you trust its origin"
+            f" ({pickle_refusal(error) or 'weights_only=True'}); convert it to safetensors where you trust its origin"
         )
     if isinstance(error, json.JSONDecodeError):
         return f"not valid JSON ({error})"
@@ -381,29 +382,6 @@ def load_relformer_config(folder: Path) -> RelformerConfig:
         raise ConversionError(f"{config_file} does not load as a RelformerConfig: {why_unreadable(error)}") from error
 
 
-def weight_problems(config: RelformerConfig, stored: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """How the stored tensors (name -> shape) differ from those of the model the config describes: missing,
-    unexpected and misshapen tensors (at most five of each), or [] when they fit."""
-    head = (config.architectures or ["RelformerModel"])[0]
-    model_class = getattr(modeling_relformer, head, None)
-    if model_class is None:
-        return [f"config.architectures names {head!r}, which is not a Relformer class."]
-    with torch.device("meta"):
-        model = model_class(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    tied = set(model.all_tied_weights_keys or {})  # tied copies are not stored
-    missing = sorted(set(expected) - set(stored) - tied)
-    unexpected = sorted(set(stored) - set(expected))
-    wrong = sorted(name for name in set(stored) & set(expected) if stored[name] != expected[name])
-    problems = []
-    if missing:
-        problems.append(f"weights missing for the config: {', '.join(missing[:5])}.")
-    if unexpected:
-        problems.append(f"weights the config's model does not have: {', '.join(unexpected[:5])}.")
-    problems += [f"{name} has shape {stored[name]}, the config needs {expected[name]}." for name in wrong[:5]]
-    return problems
-
-
 def read_config(path: Path, source: str, model_types: tuple[str, ...]) -> dict:
     """The source folder's config.json, checked to be one of `model_types`."""
     if not path.is_dir():
@@ -449,29 +427,23 @@ def load_pretrained(
             raise UnreadableFile(weights_file(path) or path, why_unreadable(error), source) from error
         raise ConversionError(f"{source}: cannot load {target}: {why_unreadable(error)}") from error
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    missing = sorted(set(info.get("missing_keys", ())) - tied)
-    if missing:
+    fit = CheckpointFit.of_loading_info(info, tied, lambda key: read_separately is None or not read_separately(key))
+    if fit.missing:
+        more = len(fit.missing) - 1
         raise ConversionError(
-            f"{source}: tensor {missing[0]!r} is missing from {path}"
-            + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else ".")
+            f"{source}: tensor {fit.missing[0]!r} is missing from {path}" + (f" (and {more} more)." if more else ".")
         )
-    mismatched = sorted(info.get("mismatched_keys") or [])
-    if mismatched:
-        name, *shapes = mismatched[0] if isinstance(mismatched[0], tuple) else (mismatched[0],)
-        found = f" (shape {tuple(shapes[0])} in the weights, {tuple(shapes[1])} from the config)" if shapes else ""
+    if fit.mismatched:
+        (name, stored, needed), more = fit.mismatched[0], len(fit.mismatched) - 1
         raise ConversionError(
-            f"{source}: {path / 'config.json'} does not fit the weights: tensor {name!r} has the wrong shape{found}"
-            + (f"; {len(mismatched) - 1} more differ." if len(mismatched) > 1 else ".")
+            f"{source}: {path / 'config.json'} does not fit the weights: tensor {name!r} has the wrong shape (shape "
+            f"{stored} in the weights, {needed} from the config)" + (f"; {more} more differ." if more else ".")
         )
-    unexpected = sorted(
-        name for name in info.get("unexpected_keys") or [] if read_separately is None or not read_separately(name)
-    )
-    if unexpected:
-        shown = ", ".join(map(repr, unexpected[:5])) + (
-            f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
-        )
+    if fit.unexpected:
+        shown = ", ".join(map(repr, fit.unexpected[:5]))
+        more = f" and {len(fit.unexpected) - 5} more" if len(fit.unexpected) > 5 else ""
         raise ConversionError(
-            f"{source}: the weights in {path} hold tensors the model of its config.json does not have: {shown} "
+            f"{source}: the weights in {path} hold tensors the model of its config.json does not have: {shown}{more} "
             "(config.json does not fit the weights, or an unsupported variant of the architecture)."
         )
     return model.eval()

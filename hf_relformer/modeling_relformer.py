@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -589,14 +589,13 @@ class RelformerPreTrainedModel(PreTrainedModel):
             raise OSError(
                 f"The {where} has a pickle-based weight file (.bin / .pt) that holds more than tensors: loading it "
                 "would run code, so it was refused (torch.load with weights_only=True). Use a .safetensors copy from "
-                f"a source you trust. torch said: {_pickle_refusal(error)}"
+                f"a source you trust. torch said: {pickle_refusal(error) or _last_line(error)}"
             ) from error
         # with output_loading_info the caller reads the report: only a shape mismatch still raises (as in transformers)
-        problems = _loading_problems(
-            model, info, allow_missing or wants_info, allow_mismatched, allow_unused or wants_info
-        )
+        fit = CheckpointFit.of_loading_info(info, counts=_body_keys(model))
+        problems = fit.problems(allow_missing or wants_info, allow_mismatched, allow_unused or wants_info)
         if wants_info:
-            unfit = _loading_problems(model, info, allow_missing, True, allow_unused)
+            unfit = fit.problems(allow_missing, True, allow_unused)
             if unfit:
                 logger.warning(f"The tensors of the {where} do not all fit the model: {'; '.join(unfit)}.")
         if allow_mismatched and info.get("mismatched_keys"):
@@ -644,51 +643,114 @@ class RelformerPreTrainedModel(PreTrainedModel):
         self.config.position_scheme.init_weights(module, self.config.initializer_range)
 
 
-def _loading_problems(
-    model: nn.Module, info: dict, allow_missing: bool, allow_mismatched: bool, allow_unused: bool
-) -> list[str]:
-    """What `from_pretrained`'s loading info says is wrong with the checkpoint's tensors of the model body: other
-    shapes, missing tensors, tensors the body has no place for (keys of another head are not the body's)."""
+def _body_keys(model: nn.Module) -> Callable[[str], bool]:
+    """Whether a key of the loading info belongs to the model body (keys of another head are not the body's): a
+    head's body is under "model."; the bare model's, its own children."""
     prefix = model.base_model_prefix
     is_head = getattr(model, prefix, model) is not model
     children = {name for name, _ in model.named_children()}
+    if is_head:
+        return lambda key: key.startswith(f"{prefix}.")
+    return lambda key: key.removeprefix(f"{prefix}.").split(".")[0] in children
 
-    def in_body(key: str) -> bool:  # a head's body is under "model."; the bare model's, its own children
-        return key.startswith(f"{prefix}.") if is_head else key.removeprefix(f"{prefix}.").split(".")[0] in children
 
-    def listed(keys: list[str]) -> str:
-        keys = sorted(keys)
-        return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+@dataclasses.dataclass
+class CheckpointFit:
+    """How a checkpoint's tensors fit a model: the one check behind `from_pretrained`, the converters (a source's
+    loading report) and the checks of a saved folder (`checkpoint_problems`: upload, card, upgrade). Names are sorted;
+    `mismatched` holds (name, shape in the file, shape the model needs)."""
 
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+
+    @classmethod
+    def of_loading_info(
+        cls, info: dict, tied: Collection[str] = (), counts: Callable[[str], bool] = lambda key: True
+    ) -> "CheckpointFit":
+        """From transformers' loading info. Tied copies are never stored; `counts` keeps the missing and unexpected
+        keys that matter (a head's body; all but what a converter reads by itself)."""
+        return cls(
+            missing=sorted(key for key in info.get("missing_keys") or () if key not in tied and counts(key)),
+            unexpected=sorted(key for key in info.get("unexpected_keys") or () if counts(key)),
+            mismatched=sorted(
+                (key, tuple(stored), tuple(needed)) for key, stored, needed in info.get("mismatched_keys") or ()
+            ),
+        )
+
+    @classmethod
+    def of_shapes(cls, model: nn.Module, stored: Mapping[str, tuple[int, ...]]) -> "CheckpointFit":
+        """Stored tensor shapes (name -> shape, e.g. from safetensors headers) against `model`'s state dict."""
+        expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        return cls(
+            missing=sorted(set(expected) - set(stored) - tied),
+            unexpected=sorted(set(stored) - set(expected)),
+            mismatched=sorted(
+                (name, tuple(stored[name]), expected[name])
+                for name in set(stored) & set(expected)
+                if tuple(stored[name]) != expected[name]
+            ),
+        )
+
+    def problems(
+        self, allow_missing: bool = False, allow_mismatched: bool = False, allow_unused: bool = False
+    ) -> list[str]:
+        """What is wrong, as `from_pretrained` reports it (with the argument that allows each kind)."""
+        problems = []
+        if self.mismatched and not allow_mismatched:  # body or head: a trained classifier is not re-drawn silently
+            shown = [f"{name} is {stored} in the file, {needed} here" for name, stored, needed in self.mismatched]
+            problems.append(
+                f"{len(shown)} tensor(s) of another shape ({_listed(shown)}; ignore_mismatched_sizes=True "
+                "re-initialises them)"
+            )
+        if self.missing and not allow_missing:
+            problems.append(
+                f"{len(self.missing)} tensor(s) missing ({_listed(self.missing)}; allow_missing_weights=True "
+                "initialises them at random)"
+            )
+        if self.unexpected and not allow_unused:
+            problems.append(
+                f"{len(self.unexpected)} tensor(s) the model has no place for ({_listed(self.unexpected)}; "
+                "allow_unused_weights=True drops them)"
+            )
+        return problems
+
+
+def checkpoint_problems(config: RelformerConfig, stored: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """How the stored tensors (name -> shape) differ from those of the model the config describes (its
+    `architectures`' class, built on the meta device): missing, unexpected and misshapen tensors (at most five of
+    each), or [] when they fit."""
+    head = (config.architectures or ["RelformerModel"])[0]
+    model_class = globals().get(head)
+    if not (isinstance(model_class, type) and issubclass(model_class, RelformerPreTrainedModel)):
+        return [f"config.architectures names {head!r}, which is not a Relformer class."]
+    with torch.device("meta"):
+        fit = CheckpointFit.of_shapes(model_class(config), stored)
     problems = []
-    mismatched = sorted(
-        info.get("mismatched_keys") or ()
-    )  # body or head: a trained classifier is not re-drawn silently
-    if mismatched and not allow_mismatched:
-        shown = [f"{name} is {tuple(stored)} in the file, {tuple(needed)} here" for name, stored, needed in mismatched]
-        problems.append(
-            f"{len(mismatched)} tensor(s) of another shape ({listed(shown)}; ignore_mismatched_sizes=True "
-            "re-initialises them)"
-        )
-    missing = [key for key in info.get("missing_keys") or () if in_body(key)]
-    if missing and not allow_missing:
-        problems.append(
-            f"{len(missing)} tensor(s) missing ({listed(missing)}; allow_missing_weights=True initialises them at "
-            "random)"
-        )
-    unexpected = [key for key in info.get("unexpected_keys") or () if in_body(key)]
-    if unexpected and not allow_unused:
-        problems.append(
-            f"{len(unexpected)} tensor(s) the model has no place for ({listed(unexpected)}; allow_unused_weights=True "
-            "drops them)"
-        )
+    if fit.missing:
+        problems.append(f"weights missing for the config: {', '.join(fit.missing[:5])}.")
+    if fit.unexpected:
+        problems.append(f"weights the config's model does not have: {', '.join(fit.unexpected[:5])}.")
+    problems += [
+        f"{name} has shape {stored}, the config needs {needed}." for name, stored, needed in fit.mismatched[:5]
+    ]
     return problems
 
 
-def _pickle_refusal(error: Exception) -> str:
-    """The line of torch's weights-only refusal that names what was blocked (its other lines advise unsafe loading)."""
+def _last_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
+    return lines[-1] if lines else ""
+
+
+def _listed(keys: list[str]) -> str:
+    return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+def pickle_refusal(error: Exception) -> str | None:
+    """The line of torch's weights-only refusal that names what was blocked (its other lines advise unsafe loading),
+    or None when it names nothing."""
+    return next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line), None)
 
 
 def _require_form(config: RelformerConfig, head: str, form: str) -> None:

@@ -14,6 +14,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 import hf_relformer
 from hf_relformer.commands import run_command
+from hf_relformer.modeling_relformer import checkpoint_problems
 from hf_relformer.saving import write_atomically
 
 from ..conversion.common import (
@@ -22,7 +23,6 @@ from ..conversion.common import (
     is_hub_name,
     load_relformer_config,
     read_json,
-    weight_problems,
 )
 
 TEMPLATE = Path(hf_relformer.__file__).parent / "model_cards" / "relformer.md.jinja"
@@ -60,7 +60,7 @@ def render_card(
     folder = Path(folder)
     try:
         config = load_relformer_config(folder)
-        problems = weight_problems(config, folder_shapes(folder))
+        problems = checkpoint_problems(config, folder_shapes(folder))
         if problems:
             raise ConversionError(f"{folder / 'config.json'} does not fit the weights: {problems[0]}")
         conversion = read_json(folder / "conversion.json") if (folder / "conversion.json").exists() else {}

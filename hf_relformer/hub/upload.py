@@ -27,6 +27,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
 from hf_relformer.commands import run_command
+from hf_relformer.modeling_relformer import checkpoint_problems
 
 from ..conversion.common import (
     PICKLE_SUFFIXES,
@@ -37,7 +38,6 @@ from ..conversion.common import (
     is_hub_name,
     load_relformer_config,
     load_tokenizer,
-    weight_problems,
 )
 from .card import CardError, write_card
 
@@ -150,7 +150,7 @@ def check_weights(folder: Path, config, result: Validation) -> None:
         result.problems.append(str(error))
         return
     if config is not None:
-        result.problems.extend(weight_problems(config, stored))
+        result.problems.extend(checkpoint_problems(config, stored))
 
 
 def _check_tokenizer(folder: Path, config, result: Validation) -> None:
