@@ -152,11 +152,7 @@ class RelativeBertSource(BertSource):
 
 
 BERT = dict(
-    model_type="bert",
-    architectures={
-        "BertModel": (BertModel, RelformerModel),
-        "BertForMaskedLM": (BertForMaskedLM, RelformerForMaskedLM),
-    },
+    architectures=((BertModel, RelformerModel), (BertForMaskedLM, RelformerForMaskedLM)),
     config=relformer_config,
     tensors=map_tensors,
     token_types=True,

@@ -17,16 +17,7 @@ from transformers import BloomForCausalLM, BloomModel
 from hf_relformer import RelformerForCausalLM, RelformerModel
 
 from .common import SourceTensors
-from .source import Tensors, TransformersSource, causal_lm_head, decoder_settings, settings
-
-
-def refuse(config: dict) -> str | None:
-    if config.get("apply_residual_connection_post_layernorm", False):
-        return (
-            "apply_residual_connection_post_layernorm=True is not supported (Relformer's residual branches start "
-            "from the layer input)."
-        )
-    return None
+from .source import Tensors, TransformersSource, causal_lm_head, decoder_settings, settings, unsupported
 
 
 def relformer_config(source: BloomModel, raw: dict) -> dict:
@@ -76,14 +67,10 @@ def map_tensors(tensors: SourceTensors, config, src: str, is_head: bool) -> tupl
 
 
 SOURCE = TransformersSource(
-    name="bloom",
-    help="a transformers BloomForCausalLM / BloomModel folder (alibi positions)",
-    model_type="bloom",
-    architectures={
-        "BloomForCausalLM": (BloomForCausalLM, RelformerForCausalLM),
-        "BloomModel": (BloomModel, RelformerModel),
-    },
-    refuse=refuse,
-    config=relformer_config,
-    tensors=map_tensors,
-)
+    name="bloom", help="a transformers BloomForCausalLM / BloomModel folder (alibi positions)",
+    architectures=((BloomForCausalLM, RelformerForCausalLM), (BloomModel, RelformerModel)),
+    refuse=unsupported(
+        "Relformer's residual branches start from the layer input", apply_residual_connection_post_layernorm=True
+    ),
+    config=relformer_config, tensors=map_tensors,
+)  # fmt: skip

@@ -15,10 +15,11 @@ from .api import SOURCES, convert
 from .common import TOLERANCE, ConversionError, Options
 from .source import Flag
 
-OUTPUT_FILES = """The output folder holds model.safetensors, config.json, the tokenizer files of the source, the
-generation config, the modeling code (for trust_remote_code=True), a model card (README.md) and conversion.json (the
-verification).
-"""
+OUTPUT_FILES = (
+    "The output folder holds model.safetensors, config.json, the tokenizer files of the source, the generation "
+    "config, the modeling code (for trust_remote_code=True), a model card (README.md) and conversion.json (the "
+    "verification)."
+)
 
 
 def epilog() -> str:
@@ -26,7 +27,7 @@ def epilog() -> str:
     width = max(map(len, SOURCES)) + 2
     wrap = textwrap.TextWrapper(width=118, initial_indent="  ", subsequent_indent=" " * (width + 2))
     lines = [wrap.fill(f"{name:<{width}}{source.help}") for name, source in SOURCES.items()]
-    return "sources:\n" + "\n".join(lines) + "\n\n" + OUTPUT_FILES
+    return "sources:\n" + "\n".join(lines) + "\n\n" + textwrap.fill(OUTPUT_FILES, width=118) + "\n"
 
 
 def flags() -> dict[str, tuple[Flag, list[str]]]:

@@ -7,16 +7,7 @@ from transformers import GPT2LMHeadModel, GPT2Model
 from hf_relformer import RelformerForCausalLM, RelformerModel
 
 from .common import SourceTensors
-from .source import Tensors, TransformersSource, causal_lm_head, decoder_settings, settings
-
-
-def refuse(config: dict) -> str | None:
-    if config.get("scale_attn_by_inverse_layer_idx", False) or not config.get("scale_attn_weights", True):
-        return (
-            "scale_attn_by_inverse_layer_idx=True or scale_attn_weights=False are not supported "
-            "(Relformer scales attention scores by 1/sqrt(head_dim))."
-        )
-    return None
+from .source import Tensors, TransformersSource, causal_lm_head, decoder_settings, settings, unsupported
 
 
 def relformer_config(source: GPT2Model, raw: dict) -> dict:
@@ -73,14 +64,11 @@ def map_tensors(tensors: SourceTensors, config, src: str, is_head: bool) -> tupl
 
 
 SOURCE = TransformersSource(
-    name="gpt2",
-    help="a transformers GPT2LMHeadModel / GPT2Model folder",
-    model_type="gpt2",
-    architectures={
-        "GPT2LMHeadModel": (GPT2LMHeadModel, RelformerForCausalLM),
-        "GPT2Model": (GPT2Model, RelformerModel),
-    },
-    refuse=refuse,
-    config=relformer_config,
-    tensors=map_tensors,
-)
+    name="gpt2", help="a transformers GPT2LMHeadModel / GPT2Model folder",
+    architectures=((GPT2LMHeadModel, RelformerForCausalLM), (GPT2Model, RelformerModel)),
+    refuse=unsupported(
+        "Relformer scales attention scores by 1/sqrt(head_dim)",
+        scale_attn_by_inverse_layer_idx=True, scale_attn_weights=False,
+    ),
+    config=relformer_config, tensors=map_tensors,
+)  # fmt: skip

@@ -102,11 +102,7 @@ SOURCE = LlamaSource(
     help="a transformers LlamaForCausalLM / LlamaModel folder, or a GGUF file (INPUT.gguf, or INPUT folder + "
     "--gguf-file NAME), dequantized by transformers' GGUF loader",
     flags=(Flag("gguf_file", "name of the GGUF file inside INPUT", metavar="NAME", check=_gguf_file_problem),),
-    model_type="llama",
-    architectures={
-        "LlamaForCausalLM": (LlamaForCausalLM, RelformerForCausalLM),
-        "LlamaModel": (LlamaModel, RelformerModel),
-    },
+    architectures=((LlamaForCausalLM, RelformerForCausalLM), (LlamaModel, RelformerModel)),
     config=relformer_config,
     tensors=map_tensors,
 )

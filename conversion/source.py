@@ -6,7 +6,7 @@ they share: read and check config.json, load the source, map its tensors, build 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,11 +82,10 @@ class Located:
 
 @dataclass(frozen=True, kw_only=True)
 class TransformersSource(Source):
-    """A saved transformers model: `convert` checks config.json (`model_type`, `refuse`, `architectures`), loads the
+    """A saved transformers model: `convert` checks config.json (its model type, `refuse`, `architectures`), loads the
     source, maps its tensors (`tensors`), builds the Relformer from `config` and compares the two on sample text."""
 
-    model_type: str
-    architectures: Mapping[str, tuple[type, type]]  # source architecture -> (transformers class, Relformer class)
+    architectures: tuple[tuple[type, type], ...]  # (transformers class, Relformer class) for each it converts
     config: Callable[[torch.nn.Module, dict], dict]  # (source model, config.json) -> RelformerConfig kwargs
     tensors: TensorMapping
     refuse: Callable[[dict], str | None] = lambda config: None  # why config.json's settings cannot be converted
@@ -127,11 +126,13 @@ class TransformersSource(Source):
 
     def locate(self, path: Path, options: Options) -> Located:
         """The folder, its config.json (checked: model type, settings, architecture) and the classes to use."""
-        config = read_config(path, self.name, (self.model_type,))
+        model_type = self.architectures[0][0].config_class.model_type
+        config = read_config(path, self.name, (model_type,))
         reason = self.refuse(config)
         if reason:
             raise ConversionError(f"{self.name}: {reason}")
-        classes = self.architectures[pick_architecture(config, self.name, self.architectures)]
+        supported = {theirs.__name__: (theirs, ours) for theirs, ours in self.architectures}
+        classes = supported[pick_architecture(config, self.name, supported)]
         return Located(folder=path, config=config, classes=classes, tokenizer_dir=path)
 
     def load_kwargs(self, located: Located) -> dict:
@@ -158,6 +159,16 @@ def causal_lm_head(tensors: SourceTensors, config, hidden: int, is_head: bool) -
         return {}
     shape = (config.vocab_size, hidden)
     return tensors.output_layer("lm_head.weight", "lm_head.weight", config.tie_word_embeddings, shape)
+
+
+def unsupported(why: str, **refused: object) -> Callable[[dict], str | None]:
+    """A `refuse` for settings the Relformer cannot reproduce: each `name=value` found in config.json, and why."""
+
+    def refuse(config: dict) -> str | None:
+        found = [f"{name}={value}" for name, value in refused.items() if name in config and config[name] == value]
+        return f"{' and '.join(found)} {'is' if len(found) == 1 else 'are'} not supported ({why})." if found else None
+
+    return refuse
 
 
 def settings(config, *same: str, **renamed: str) -> dict:

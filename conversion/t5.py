@@ -94,16 +94,10 @@ class T5Source(TransformersSource):
 
 
 SOURCE = T5Source(
-    name="t5",
-    help="a transformers T5ForConditionalGeneration / T5EncoderModel folder (t5 positions)",
-    model_type="t5",
-    architectures={
-        "T5ForConditionalGeneration": (T5ForConditionalGeneration, RelformerForConditionalGeneration),
-        "T5EncoderModel": (T5EncoderModel, RelformerModel),
-    },
-    config=relformer_config,
-    tensors=map_tensors,
-)
+    name="t5", help="a transformers T5ForConditionalGeneration / T5EncoderModel folder (t5 positions)",
+    architectures=((T5ForConditionalGeneration, RelformerForConditionalGeneration), (T5EncoderModel, RelformerModel)),
+    config=relformer_config, tensors=map_tensors,
+)  # fmt: skip
 
 
 def _stack(

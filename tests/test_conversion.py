@@ -545,6 +545,16 @@ def test_interrupted_write_keeps_the_previous_output(gpt2_folder, tmp_path, monk
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
+def test_settings_the_relformer_cannot_reproduce_are_refused_before_loading(gpt2_folder, tmp_path, capsys):
+    folder = tmp_path / "unscaled"
+    folder.mkdir()
+    config = json.loads((gpt2_folder / "config.json").read_text()) | {"scale_attn_weights": False}
+    (folder / "config.json").write_text(json.dumps(config))  # no weights: refused before they are read
+    assert main(["gpt2", str(folder), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "gpt2: scale_attn_weights=False is not supported (Relformer scales" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_one_registry_entry_is_all_a_new_source_needs(gpt2_folder, tmp_path, monkeypatch, capsys):
     """A `Source` added to `SOURCES` is listed by --help, takes its own flag (refused for other sources, checked, and
     passed on in `Options`) and converts."""
