@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+import hf_relformer
 from hf_relformer import (
     RelformerForCausalLM,
     RelformerForMaskedLM,
@@ -127,3 +128,34 @@ def test_checkpoints_saved_before_the_scheme_registry_load_unchanged(name):
     with torch.no_grad():
         logits = model(**inputs).logits
     torch.testing.assert_close(logits, torch.tensor(recorded["logits"]), atol=1e-6, rtol=0)
+
+
+FORM_CHECKPOINTS = REPO_ROOT / "tests" / "fixtures" / "checkpoints-08e5cc7"
+FORM_AUTO_CLASSES = {
+    "RelformerForCausalLM": AutoModelForCausalLM,
+    "RelformerForConditionalGeneration": AutoModelForSeq2SeqLM,
+    "RelformerModel": AutoModel,
+}
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in FORM_CHECKPOINTS.iterdir()))
+def test_checkpoints_of_every_form_saved_before_the_form_classes_load_unchanged(name, tmp_path):
+    """Tiny checkpoints of each form (decoder-only LM, bare encoder, encoder-decoder LM and bare encoder-decoder)
+    saved by the code before the bare model had one class per form (commit 08e5cc7; config.json and weights only)
+    load through their Auto class with the same tensor names and exactly the outputs recorded when they were saved,
+    and save again under the same architectures and auto_map."""
+    folder = FORM_CHECKPOINTS / name
+    recorded = json.loads((folder / "expected.json").read_text())
+    model = FORM_AUTO_CLASSES[recorded["class"]].from_pretrained(folder).eval()
+    assert isinstance(model, getattr(hf_relformer, recorded["class"]))
+    assert sorted(model.state_dict()) == recorded["state_dict_keys"]
+    inputs = {key: torch.tensor(value) for key, value in recorded["inputs"].items()}
+    with torch.no_grad():
+        outputs = model(**inputs)
+    for field in ("logits", "last_hidden_state", "encoder_last_hidden_state"):
+        if field in recorded:
+            torch.testing.assert_close(getattr(outputs, field), torch.tensor(recorded[field]), atol=0, rtol=0)
+    model.save_pretrained(tmp_path)
+    saved, original = (json.loads((path / "config.json").read_text()) for path in (tmp_path, folder))
+    assert saved["architectures"] == original["architectures"] == [recorded["class"]]
+    assert saved["auto_map"] == original["auto_map"]
