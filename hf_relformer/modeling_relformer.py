@@ -1,7 +1,8 @@
 """Relformer: the Transformer with Shaw relative-position attention (and other position schemes) for transformers.
 
 Reads in data-flow order: norms -> feed-forward -> attention function -> attention module -> layer ->
-pretrained base (class flags, init) -> bare model -> heads. Position schemes live in `positions_relformer.py`.
+pretrained base (class flags, init) -> stack -> bare model (one class per form: single stack, encoder-decoder) ->
+heads. Position schemes live in `positions_relformer.py`.
 This file is shipped with every saved checkpoint (remote code): it imports only torch, transformers and its
 sibling files through single-dot relative imports.
 """
@@ -969,44 +970,41 @@ def default_position_ids(
     return (torch.arange(query_length, device=device) + past_length).unsqueeze(0)
 
 
-class RelformerModel(RelformerStack):
-    """The bare Relformer of the configured form.
+class RelformerModel(RelformerPreTrainedModel):
+    """The bare Relformer, the one class registered for `AutoModel`: `RelformerModel(config)` (and `from_pretrained`)
+    builds the class of the config's form, a subclass of this one.
 
-    - decoder-only (`is_decoder=True`) or encoder (`is_decoder=False`): one `RelformerStack` (this module itself);
+    - decoder-only (`is_decoder=True`) or encoder (`is_decoder=False`): `RelformerSingleStackModel`, one stack;
       `forward(input_ids, attention_mask, ...)` returns `last_hidden_state` `[B, L, hidden_size]`.
-    - encoder-decoder (`is_encoder_decoder=True`): `encoder` and `decoder` stacks sharing one embedding when
-      `tie_word_embeddings`; `forward(input_ids, attention_mask, decoder_input_ids, ...)` returns the decoder's
-      `last_hidden_state` `[B, Lt, hidden_size]` with the encoder's output.
+    - encoder-decoder (`is_encoder_decoder=True`): `RelformerEncoderDecoderModel`, an `encoder` and a `decoder`
+      stack; `forward(input_ids, attention_mask, decoder_input_ids, ...)` returns the decoder's `last_hidden_state`
+      `[B, Lt, hidden_size]` with the encoder's output.
+
+    Either saves as `RelformerModel` (config.architectures, auto_map), so that loading picks the form again.
     """
 
+    def __new__(cls, config: RelformerConfig | None = None, *args, **kwargs):
+        if cls is RelformerModel and config is not None:  # no config: copy and pickle rebuild a built model's class
+            cls = RelformerEncoderDecoderModel if config.is_encoder_decoder else RelformerSingleStackModel
+        return super().__new__(cls)
+
+    def save_pretrained(self, *args, **kwargs) -> None:
+        """transformers' `save_pretrained` (which writes `type(self).__name__` into config.architectures and
+        auto_map), run while this model is a `RelformerModel`: every form saves under the registered name."""
+        form_class = type(self)
+        self.__class__ = RelformerModel
+        try:
+            super().save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = form_class
+
+
+class RelformerSingleStackModel(RelformerModel, RelformerStack):
+    """The bare decoder-only or encoder Relformer: one `RelformerStack` (causal for `is_decoder=True`), its tensors
+    at the top level (`embed_tokens`, `layers.N`, `norm`)."""
+
     def __init__(self, config: RelformerConfig):
-        if not config.is_encoder_decoder:
-            super().__init__(config, is_causal=config.is_decoder, num_layers=config.num_hidden_layers)
-            return
-        RelformerPreTrainedModel.__init__(self, config)
-        self._tied_weights_keys = {"decoder.embed_tokens.weight": "encoder.embed_tokens.weight"}
-        self.encoder = RelformerStack(config, is_causal=False, num_layers=config.encoder_layers)
-        self.decoder = RelformerStack(
-            config, is_causal=True, num_layers=config.decoder_layers, has_cross_attention=True
-        )
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return (self.encoder if self.config.is_encoder_decoder else self).embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        """Sets the token embeddings. An encoder-decoder with `tie_word_embeddings=False` keeps the decoder's own table,
-        resized to the new vocabulary (as `resize_token_embeddings` expects); tied, both stacks share `value`."""
-        if not self.config.is_encoder_decoder:
-            self.embed_tokens = value
-        elif self.config.tie_word_embeddings:
-            self.encoder.embed_tokens = self.decoder.embed_tokens = value
-        else:
-            self.encoder.embed_tokens = value
-            if self.decoder.embed_tokens.num_embeddings != value.num_embeddings:
-                self.decoder.embed_tokens = self._get_resized_embeddings(
-                    self.decoder.embed_tokens, value.num_embeddings, mean_resizing=False
-                )
+        super().__init__(config, is_causal=config.is_decoder, num_layers=config.num_hidden_layers)
 
     @takes_either_cache_name
     @can_return_tuple
@@ -1024,21 +1022,73 @@ class RelformerModel(RelformerStack):
         encoder_outputs: BaseModelOutput | tuple | None = None,
         token_type_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPastAndCrossAttentions | Seq2SeqModelOutput:
-        if not self.config.is_encoder_decoder:
-            if decoder_input_ids is not None or decoder_inputs_embeds is not None or encoder_outputs is not None:
-                raise ValueError("decoder_* inputs and encoder_outputs need an encoder-decoder config.")
-            return super().forward(
-                return_dict=True,  # a dict inside; can_return_tuple applies the caller's choice
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                token_type_ids=token_type_ids,
-                **kwargs,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        """input_ids `[B, L]` (or inputs_embeds), attention_mask `[B, past + L]` -> `last_hidden_state`
+        `[B, L, hidden_size]`; the decoder_* inputs and encoder_outputs of an encoder-decoder are refused."""
+        seq2seq_inputs = (decoder_input_ids, decoder_attention_mask, decoder_inputs_embeds, encoder_outputs)
+        if any(value is not None for value in seq2seq_inputs):
+            raise ValueError("decoder_* inputs and encoder_outputs need an encoder-decoder config.")
+        return super().forward(
+            return_dict=True,  # a dict inside; can_return_tuple applies the caller's choice
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            token_type_ids=token_type_ids,
+            **kwargs,
+        )
+
+
+class RelformerEncoderDecoderModel(RelformerModel):
+    """The bare encoder-decoder Relformer (as BART's and T5's base models): a bidirectional `encoder` stack and a
+    causal `decoder` stack with cross-attention, sharing one token embedding when `tie_word_embeddings`."""
+
+    def __init__(self, config: RelformerConfig):
+        super().__init__(config)
+        # on the instance, not the class: `save_pretrained` reads it while the model is saved as `RelformerModel`
+        self._tied_weights_keys = {"decoder.embed_tokens.weight": "encoder.embed_tokens.weight"}
+        self.encoder = RelformerStack(config, is_causal=False, num_layers=config.encoder_layers)
+        self.decoder = RelformerStack(
+            config, is_causal=True, num_layers=config.decoder_layers, has_cross_attention=True
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Sets the token embeddings. With `tie_word_embeddings=False` the decoder keeps its own table, resized to the
+        new vocabulary (as `resize_token_embeddings` expects); tied, both stacks share `value`."""
+        if self.config.tie_word_embeddings:
+            self.encoder.embed_tokens = self.decoder.embed_tokens = value
+            return
+        self.encoder.embed_tokens = value
+        if self.decoder.embed_tokens.num_embeddings != value.num_embeddings:
+            self.decoder.embed_tokens = self._get_resized_embeddings(
+                self.decoder.embed_tokens, value.num_embeddings, mean_resizing=False
             )
+
+    @takes_either_cache_name
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> Seq2SeqModelOutput:
+        """Source input_ids `[B, Ls]` (or inputs_embeds, or `encoder_outputs` already computed), attention_mask
+        `[B, Ls]`, decoder_input_ids `[B, Lt]` (or decoder_inputs_embeds) -> the decoder's `last_hidden_state`
+        `[B, Lt, hidden_size]`, the cache, and the encoder's output."""
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             raise ValueError(
                 "An encoder-decoder Relformer needs decoder_input_ids (or decoder_inputs_embeds, or labels for "
@@ -1411,6 +1461,7 @@ class RelformerForTokenClassification(RelformerPreTrainedModel):
 
 
 __all__ = [
+    "RelformerEncoderDecoderModel",
     "RelformerForCausalLM",
     "RelformerForConditionalGeneration",
     "RelformerForMaskedLM",
@@ -1418,5 +1469,6 @@ __all__ = [
     "RelformerForTokenClassification",
     "RelformerModel",
     "RelformerPreTrainedModel",
+    "RelformerSingleStackModel",
     "RelformerStack",
 ]

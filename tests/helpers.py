@@ -208,17 +208,20 @@ model = getattr(transformers, auto_name).from_pretrained(path, trust_remote_code
 transformers.AutoModel.from_pretrained(path, trust_remote_code=True)
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 with torch.no_grad():
-    logits = model(**inputs).logits
+    outputs = model(**inputs)
+logits = outputs.logits if "logits" in outputs else outputs.last_hidden_state  # a bare model: its hidden states
 generated = None
 if model.can_generate():
     generated = model.generate(inputs["input_ids"], max_new_tokens=10, min_new_tokens=10, do_sample=False).tolist()
-print(json.dumps({"config": type(config).__name__, "logits": logits.tolist(), "generated": generated}))
+print(json.dumps({"config": type(config).__name__, "model": type(model).__name__, "logits": logits.tolist(),
+                  "generated": generated}))
 """
 
 
 def run_remote_code(folder: Path, auto_name: str, inputs: dict[str, torch.Tensor], work_dir: Path) -> dict:
     """Load `folder` with `transformers.<auto_name>` and trust_remote_code=True in a fresh process where hf_relformer
-    cannot be imported; returns its config class name, logits and (for generative models) 10 greedy tokens."""
+    cannot be imported; returns its config and model class names, logits (a bare model's last hidden states) and (for
+    generative models) 10 greedy tokens."""
     env = {**os.environ, "HF_MODULES_CACHE": str(work_dir / "modules"), "HF_HUB_OFFLINE": "1"}
     json_inputs = json.dumps({name: value.tolist() for name, value in inputs.items()})
     return run_script(REMOTE_SCRIPT, [str(folder), auto_name, json_inputs], env, work_dir)

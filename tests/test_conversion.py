@@ -36,7 +36,7 @@ from transformers import (
     pipeline,
 )
 
-from hf_relformer import RelformerForCausalLM, conversion
+from hf_relformer import RelformerForCausalLM, RelformerModel, conversion
 from hf_relformer.conversion.cli import main
 from hf_relformer.conversion.source import Flag, Source
 
@@ -118,7 +118,7 @@ def test_gpt2_base_model_and_untied_head(tmp_path):
     untied = AutoModelForCausalLM.from_pretrained(tmp_path / "untied-out")
     assert untied.config.bos_token_id is None and untied.config.eos_token_id is None
     assert not torch.equal(untied.lm_head.weight, untied.model.embed_tokens.weight)
-    assert type(AutoModel.from_pretrained(tmp_path / "base-out")).__name__ == "RelformerModel"
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "base-out"), RelformerModel)
 
 
 def test_positions_reinitialised_as_relative_for_fine_tuning(gpt2_folder, tmp_path, capsys):

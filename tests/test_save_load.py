@@ -16,6 +16,7 @@ from hf_relformer import (
     RelformerForSequenceClassification,
     RelformerForTokenClassification,
     RelformerModel,
+    RelformerSingleStackModel,
 )
 
 from helpers import REPO_ROOT, SCHEMES, redraw_weights, run_remote_code, tiny_config, tiny_lm, tiny_seq2seq
@@ -63,7 +64,7 @@ def test_backbone_and_head_checkpoints_load_into_each_other(tmp_path):
     model = tiny_lm("rotary")
     model.save_pretrained(tmp_path / "lm")
     backbone = AutoModel.from_pretrained(tmp_path / "lm")
-    assert type(backbone) is RelformerModel
+    assert isinstance(backbone, RelformerModel) and type(backbone) is RelformerSingleStackModel  # its decoder-only form
     with torch.no_grad():
         torch.testing.assert_close(backbone(IDS).last_hidden_state, model.model(IDS).last_hidden_state)
     backbone.save_pretrained(tmp_path / "backbone")
@@ -97,16 +98,29 @@ SEQ2SEQ_INPUTS = {"input_ids": IDS, "decoder_input_ids": torch.tensor([[1, 9, 4,
             "AutoModelForTokenClassification",
             {"input_ids": IDS},
         ),
+        (lambda: tiny_seq2seq("relative").model, "AutoModel", SEQ2SEQ_INPUTS),
+        (lambda: tiny_encoder(RelformerModel, "relative_values"), "AutoModel", {"input_ids": IDS}),
     ],
-    ids=["causal-relative-values", "causal-sinusoidal", "seq2seq-relative", "masked-lm", "sequence-cls", "token-cls"],
+    ids=[
+        "causal-relative-values",
+        "causal-sinusoidal",
+        "seq2seq-relative",
+        "masked-lm",
+        "sequence-cls",
+        "token-cls",
+        "bare-seq2seq",
+        "bare-encoder",
+    ],
 )
 def test_remote_code_load_in_a_fresh_process(build, auto_name, inputs, tmp_path):
     model = build()
     model.save_pretrained(tmp_path / "checkpoint")
     remote = run_remote_code(tmp_path / "checkpoint", auto_name, inputs, tmp_path)
-    assert remote["config"] == "RelformerConfig"
+    assert remote["config"] == "RelformerConfig" and remote["model"] == type(model).__name__
     with torch.no_grad():
-        torch.testing.assert_close(torch.tensor(remote["logits"]), model(**inputs).logits, atol=1e-6, rtol=0)
+        outputs = model(**inputs)
+    local = outputs.logits if "logits" in outputs else outputs.last_hidden_state
+    torch.testing.assert_close(torch.tensor(remote["logits"]), local, atol=1e-6, rtol=0)
     if model.can_generate():
         expected = model.generate(IDS, max_new_tokens=10, min_new_tokens=10, do_sample=False)
         assert remote["generated"] == expected.tolist()
