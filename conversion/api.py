@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from hf_relformer import __version__
+from hf_relformer.hub.model_card import conversion_card
 from hf_relformer.saving import output_problem
 
 from . import bert, bloom, gpt2, llama, t5, torch_transformer
 from .common import TOLERANCE, Conversion, ConversionError, Options, model_output, verify, write_folder
-from .model_card import render_card
 from .source import Source
 
 # Every converter, in the order `--help` lists them: a new source is its module plus one line here.
@@ -92,7 +92,7 @@ def convert(
         "notes": conversion.notes,
         "hf_relformer_version": __version__,
     }
-    card = render_card(conversion, results)
+    card = str(conversion_card(conversion.model.config, conversion.model.num_parameters(), results))
     reload_check = _ReloadCheck(conversion) if check else None
     written = write_folder(conversion, output, card, results, reload_check, options.progress)
     results["seconds"] = round(time.monotonic() - started, 1)

@@ -23,10 +23,10 @@ from finetune_bible import train_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, pipeline
 
 from hf_relformer import RelformerConfig, RelformerForCausalLM
+from hf_relformer.hub.model_card import count_parameters_of, model_card
 from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
 
 DATA = Path(__file__).resolve().parent / "data" / "shakespeare"
-CARD = Path(__file__).resolve().parents[1] / "hf_relformer" / "model_cards" / "shakespeare.md"
 PROMPT = "HAMLET."
 
 
@@ -51,7 +51,58 @@ def read_texts(paths: list[Path]) -> str:
     return "\n\n".join(path.read_text(encoding="utf-8") for path in paths)
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_config(args: argparse.Namespace, vocab_size: int, pad: int, bos: int, eos: int) -> RelformerConfig:
+    return RelformerConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        intermediate_size=4 * args.hidden_size,
+        position_embedding_type=args.position,
+        relative_attention_max_distance=args.max_distance,
+        max_position_embeddings=max(1024, args.block_size),
+        hidden_dropout=0.1,
+        attention_dropout=0.0,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+
+
+USAGE = """from transformers import pipeline
+import hf_relformer  # or pass trust_remote_code=True where the package is not installed
+
+generator = pipeline("text-generation", model="PATH")
+generator("HAMLET.", max_new_tokens=40, do_sample=False)"""
+
+
+def card_text(results: dict, config: RelformerConfig) -> str:
+    """The saved model's card, from what the run writes to results.json (its `sample` is optional) and its config."""
+    settings = results["settings"]
+    summary = (
+        "A causal [Relformer](https://pypi.org/project/hf-relformer/) trained from scratch with `Trainer` by "
+        "`examples/train_shakespeare.py` on *Hamlet* and evaluated on *Macbeth*, a play it never saw (public-domain "
+        f"texts). Its byte-level BPE tokenizer ({config.vocab_size} tokens) was trained on the training text."
+    )
+    table = (
+        f"| held-out perplexity before training | after | training blocks of {settings['block_size']} tokens | steps "
+        "| training time |\n|---|---|---|---|---|\n"
+        f"| {results['perplexity_before']:.1f} | {results['perplexity_after']:.1f} | "
+        f"{results.get('train_blocks', '—')} | {results['steps']} | {results['minutes']:.1f} min on 2 CPU cores |"
+    )
+    sections = [("Results", table)]
+    if "sample" in results:
+        sections.append(("Sample", f"Greedy, prompt `{results['prompt']}`:\n\n```text\n{results['sample']}\n```"))
+    card = model_card(
+        config, count_parameters_of(RelformerForCausalLM, config), title="Relformer Shakespeare language model",
+        summary=summary, sections=sections, usage=USAGE, tags=["shakespeare"],
+        intended_use="A small demonstration of training and sharing a Relformer; it writes Shakespeare-flavoured "
+        "nonsense.",
+    )  # fmt: skip
+    return str(card)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("outputs/shakespeare"))
     parser.add_argument("--train-files", type=Path, nargs="+", default=[DATA / "hamlet.txt"])
@@ -67,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--eval-blocks", type=int, default=None, help="evaluate on this many blocks only")
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     started = time.monotonic()
     torch.manual_seed(args.seed)
@@ -77,21 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_data = Blocks(tokenizer(eval_text)["input_ids"], args.block_size, args.eval_blocks)
     print(f"{len(train_data)} training blocks, {len(eval_data)} held-out blocks of {args.block_size} tokens")
 
-    config = RelformerConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        intermediate_size=4 * args.hidden_size,
-        position_embedding_type=args.position,
-        relative_attention_max_distance=args.max_distance,
-        max_position_embeddings=max(1024, args.block_size),
-        hidden_dropout=0.1,
-        attention_dropout=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = make_config(args, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     model = RelformerForCausalLM(config)
     with tempfile.TemporaryDirectory() as scratch:
         training_args = TrainingArguments(
@@ -131,15 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt": PROMPT,
         "settings": {key: str(value) for key, value in vars(args).items()},
     }
-    card = CARD.read_text(encoding="utf-8").format(
-        layers=args.layers,
-        hidden_size=args.hidden_size,
-        position=args.position,
-        max_distance=args.max_distance,
-        vocab_size=len(tokenizer),
-        block_size=args.block_size,
-        **{k: v for k, v in results.items() if k != "settings"},
-    )
+    card = card_text(results, config)
     files = ExtraFiles({"README.md": card, "results.json": json.dumps(results, indent=2) + "\n"})
     save_pretrained_atomically(args.output, model, tokenizer, files)
 

@@ -35,6 +35,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
 
 from .checks import check_cached_decoding
 from .configuration_relformer import RelformerConfig
+from .hub.model_card import count_parameters_of
+from .hub.model_card import model_card as render_model_card
 from .modeling_relformer import RelformerForCausalLM
 from .positions_relformer import POSITION_SCHEMES, LearnedPositions, scheme_variants, with_horizon
 from .saving import ExtraFiles, Subfolder, save_pretrained_atomically
@@ -299,9 +301,25 @@ def sanity_prompts(task: str, train_length: int, seed: int) -> torch.Tensor:
 def train_one(settings: DemoSettings, task: str, scheme: str, seed: int) -> RelformerForCausalLM:
     """Train one model on one task; deterministic for a seed. A learned table covers the longest evaluation."""
     torch.manual_seed(seed)
-    longest = 2 * settings.train_length * max(settings.multipliers) + 1
-    model = RelformerForCausalLM(settings.config(scheme, len(VOCAB), longest))
+    model = RelformerForCausalLM(task_config(settings, scheme))
     return train(model, task_batches(settings, task, seed), settings)
+
+
+def task_config(settings: DemoSettings, scheme: str) -> RelformerConfig:
+    """The config of a task model; a learned table covers the longest evaluation."""
+    return settings.config(scheme, len(VOCAB), longest=2 * settings.train_length * max(settings.multipliers) + 1)
+
+
+def run_rank(scores: dict, settings: DemoSettings) -> tuple[float, ...]:
+    """How a run ranks for "best model": exact match at 2x, then the longer lengths, then 1x."""
+    return tuple(scores[m]["exact"] for m in sorted(settings.multipliers, key=lambda m: (m == 1, m)))
+
+
+def best_run(records: list[dict], task: str, settings: DemoSettings) -> tuple[str, int]:
+    """(scheme, seed) of the best run on `task`; the first in run order wins a tie, as in `run_task_part`."""
+    runs = [r for r in records if r["task"] == task]
+    best = max(runs, key=lambda r: (run_rank(r["scores"], settings), -runs.index(r)))
+    return best["scheme"], best["seed"]
 
 
 def run_task_part(settings: DemoSettings, progress: bool) -> tuple[list[dict], dict]:
@@ -318,7 +336,7 @@ def run_task_part(settings: DemoSettings, progress: bool) -> tuple[list[dict], d
         }
         records.append({"task": task, "scheme": scheme, "seed": seed, "seconds": time.perf_counter() - start,
                         "scores": scores})  # fmt: skip
-        key = tuple(scores[m]["exact"] for m in sorted(settings.multipliers, key=lambda m: (m == 1, m)))
+        key = run_rank(scores, settings)
         if task not in best or key > best[task][0]:
             best[task] = (key, scheme, seed, model)
     return records, {task: entry[1:] for task, entry in best.items()}
@@ -494,12 +512,42 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def model_card(settings: DemoSettings, table: str, task: str, scheme: str, seed: int) -> str:
-    template = (Path(__file__).parent / "model_cards" / "demo.md").read_text(encoding="utf-8")
+    """The best task model's card: its task, scheme and seed, the exact-match table of the run, the settings."""
     inputs, outputs = make_problem(task, 5, random.Random(0))
-    return template.format(
-        task=task, scheme=scheme, seed=seed, table=table, settings=json.dumps(asdict(settings), indent=2),
-        example="".join(interleave(inputs, outputs)[:-1]), answer=outputs[-1],
+    example, answer = "".join(interleave(inputs, outputs)[:-1]), outputs[-1]
+    config = task_config(settings, scheme)
+    summary = (
+        f"A {settings.layers}-layer causal [Relformer](https://pypi.org/project/hf-relformer/) trained by `relformer "
+        f"demo` on the streaming task `{task}` (data generated from a seed), with the position scheme that "
+        f"generalized best to longer inputs in that run: **{scheme}** (seed {seed}).\n\nEvery input digit is "
+        "followed by one output symbol. Prompts are symbols without spaces (written `<s>` + symbols by the "
+        f"tokenizer) ending with an input; the model writes its output: for `{example}` the answer is `{answer}`."
+    )
+    usage = (
+        "from transformers import pipeline\n"
+        "import hf_relformer  # or pass trust_remote_code=True where the package is not installed\n\n"
+        'generator = pipeline("text-generation", model="PATH")\n'
+        f'generator("{example}", max_new_tokens=1, do_sample=False)'
+    )
+    sections = [
+        ("Exact match of greedy decoding, at multiples of the training length", table),
+        ("Settings", f"```json\n{json.dumps(asdict(settings), indent=2)}\n```"),
+    ]
+    card = render_model_card(
+        config, count_parameters_of(RelformerForCausalLM, config),
+        title=f"Relformer length-generalization demo: `{task}` with `{scheme}` positions", summary=summary,
+        sections=sections, usage=usage, plots=["accuracy.png"], tags=["length-generalization"],
     )  # fmt: skip
+    return str(card)
+
+
+def model_card_from_results(results: dict) -> str:
+    """The card `run_demo` saves with the best model, rebuilt from the run's results.json."""
+    settings = DemoSettings(**results["settings"])
+    records = [{**r, "scores": {int(m): s for m, s in r["scores"].items()}} for r in results["runs"]]  # JSON keys
+    task = settings.tasks[0]
+    scheme, seed = best_run(records, task, settings)
+    return model_card(settings, markdown_table(summarize(records, settings), settings), task, scheme, seed)
 
 
 OUTPUTS = ("accuracy.png", "perplexity.png", "results.json", "report.md", "best-model")  # what the demo writes

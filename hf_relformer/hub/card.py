@@ -1,5 +1,5 @@
-"""Model cards for Relformer folders, rendered with huggingface_hub's `ModelCard` / `ModelCardData` (Jinja template
-`hf_relformer/model_cards/relformer.md.jinja`): YAML metadata and a body for the folder's form.
+"""`relformer-card`: (re)generate the model card (README.md) of a saved Relformer folder, from its config, its
+weights' shapes and, for a converted folder, conversion.json, with the one renderer `hf_relformer.hub.model_card`.
 
     relformer-card FOLDER [--results results.json] [--license apache-2.0] [--dataset NAME] [--repo-id org/name]
 """
@@ -10,9 +10,8 @@ import argparse
 import math
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import ModelCard
 
-import hf_relformer
 from hf_relformer.commands import run_command
 from hf_relformer.modeling_relformer import checkpoint_problems
 from hf_relformer.saving import write_atomically
@@ -24,22 +23,7 @@ from ..conversion.common import (
     load_relformer_config,
     read_json,
 )
-
-TEMPLATE = Path(hf_relformer.__file__).parent / "model_cards" / "relformer.md.jinja"
-FORMS = {  # form -> (pipeline tag, Auto class of its main head)
-    "decoder-only": ("text-generation", "AutoModelForCausalLM"),
-    "encoder": ("feature-extraction", "AutoModel"),
-    "encoder-decoder": ("text2text-generation", "AutoModelForSeq2SeqLM"),
-}
-HEAD_TAGS = {
-    "RelformerForMaskedLM": ("fill-mask", "AutoModelForMaskedLM"),
-    "RelformerForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
-    "RelformerForTokenClassification": ("token-classification", "AutoModelForTokenClassification"),
-}
-
-
-class CardError(ValueError):
-    """The folder cannot be described: the message names the file at fault."""
+from .model_card import CardError, conversion_card, model_card
 
 
 def count_parameters(folder: Path) -> int:
@@ -54,9 +38,9 @@ def render_card(
     datasets: list[str] | None = None,
     repo_id: str | None = None,
 ) -> ModelCard:
-    """The card of a saved Relformer folder, from its config (and `results`: metric name -> number; a
-    `"model_index"` list of {task_type, dataset_type, dataset_name, metric_type, metric_value} becomes model-index).
-    A folder whose config or weights are missing, damaged or do not fit each other is a `CardError`."""
+    """The card of a saved Relformer folder, from its config and weights (a converted folder's conversion.json
+    adds its verification, as the converter wrote it). A folder whose config or weights are missing, damaged or do
+    not fit each other is a `CardError`."""
     folder = Path(folder)
     try:
         config = load_relformer_config(folder)
@@ -67,61 +51,17 @@ def render_card(
         parameters = count_parameters(folder)
     except ConversionError as error:
         raise CardError(str(error)) from error
+    common = dict(results=results, license=license, datasets=datasets, repo_id=repo_id)
+    plots = [path.name for path in folder.glob("*.png")]
+    if conversion:
+        return conversion_card(config, parameters, conversion, plots=plots, **common)
+    head = (config.architectures or ["RelformerModel"])[0]
     form = config.form
-    head = (config.architectures or [""])[0]
-    pipeline_tag, auto_class = HEAD_TAGS.get(head, FORMS[form])
-    results = dict(results or {})
-    try:
-        eval_results = [EvalResult(**entry) for entry in results.pop("model_index", [])]
-    except (TypeError, ValueError) as error:
-        raise CardError(f"results: model_index must list {{task_type, dataset_type, ...}} objects: {error}") from error
-    base_model = conversion.get("source_name") if is_hub_name(conversion.get("source_name", "")) else None
-    name = repo_id or folder.name
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag=pipeline_tag,
-        tags=["relformer", "relative-position" if config.position_embedding_type == "relative" else "transformer"],
-        license=license,
-        datasets=datasets or None,
-        base_model=base_model,
-        model_name=name,
-        eval_results=eval_results or None,
-    )
-    relative = config.position_embedding_type == "relative"
     summary = (
-        f"A {form} [Relformer](https://pypi.org/project/hf-relformer/) (`{head or 'RelformerModel'}`) with "
-        f"`{config.position_embedding_type}` positions"
-        + (f", converted from `{conversion['source_name']}` ({conversion['source']})." if conversion else ".")
+        f"{'An' if form.startswith('e') else 'A'} {form} [Relformer](https://pypi.org/project/hf-relformer/) "
+        f"(`{head}`) with `{config.position_embedding_type}` positions."
     )
-    intended = (
-        "Research and experiments with relative-position Transformers. It inherits the data, biases and licence of "
-        "whatever it was trained or converted from; check those before use in production."
-    )
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(TEMPLATE),
-        title=name,
-        summary=summary,
-        form=form,
-        positions=config.position_embedding_type,
-        max_distance=config.relative_attention_max_distance if relative else "–",
-        values="yes" if relative and config.relative_attention_values else "no",
-        per_head="yes" if relative and config.relative_attention_per_head else "no",
-        layers=f"{config.encoder_layers}+{config.decoder_layers}"
-        if config.is_encoder_decoder
-        else config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads,
-        feed_forward=f"{config.feed_forward_type} {config.hidden_act}, {config.intermediate_size}",
-        vocab_size=config.vocab_size,
-        parameters=f"{parameters:,}",
-        repo_id=repo_id or "PATH",
-        auto_class=auto_class,
-        intended_use=intended,
-        results={key: value for key, value in results.items() if isinstance(value, (int, float, str))},
-        plots=sorted(path.name for path in folder.glob("*.png")),
-    )
+    return model_card(config, parameters, title=repo_id or folder.name, summary=summary, plots=plots, **common)
 
 
 def write_card(folder: str | Path, **kwargs) -> Path:
