@@ -236,11 +236,11 @@ def run_script(script: str, args: list[str], env: dict[str, str], work_dir: Path
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def load_example(name: str):
-    """The module `examples/NAME.py`, imported under the name `NAME`."""
+def load_example(name: str, folder: str = "examples"):
+    """The module `examples/NAME.py` (or `FOLDER/NAME.py`: a script), imported under the name `NAME`."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
