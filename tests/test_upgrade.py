@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import hf_relformer
 from hf_relformer import RelformerForCausalLM
-from hf_relformer.configuration_relformer import CODE_VERSION_KEY
+from hf_relformer.configuration_relformer import CODE_VERSION_KEY, TESTED_TRANSFORMERS
 from hf_relformer.conversion import upgrade as upgrade_module
 from hf_relformer.conversion.common import ConversionError
 from hf_relformer.conversion.upgrade import UpgradeError, upgrade_repo, verify
@@ -193,8 +193,9 @@ def test_shipped_code_older_than_the_installed_transformers_suggests_the_upgrade
     # The same code as if it had been tested only up to transformers 5.0 (older code on a newer transformers).
     shipped = folder / "configuration_relformer.py"
     text = shipped.read_text()
-    assert 'TESTED_TRANSFORMERS = "5.24"' in text
-    shipped.write_text(text.replace('TESTED_TRANSFORMERS = "5.24"', 'TESTED_TRANSFORMERS = "5.0"'))
+    tested = f'TESTED_TRANSFORMERS = "{TESTED_TRANSFORMERS}"'
+    assert tested in text
+    shipped.write_text(text.replace(tested, 'TESTED_TRANSFORMERS = "5.0"'))
     lines = suggestion_lines(folder, tmp_path)
     assert len(lines) == 1 and "tested with transformers up to 5.0" in lines[0], lines
     # With the package installed its own classes are used: silent, even where its constant says otherwise.
@@ -204,7 +205,7 @@ def test_shipped_code_older_than_the_installed_transformers_suggests_the_upgrade
         try:
             RelformerForCausalLM.from_pretrained(folder)
         finally:
-            hf_relformer.configuration_relformer.TESTED_TRANSFORMERS = "5.24"
+            hf_relformer.configuration_relformer.TESTED_TRANSFORMERS = TESTED_TRANSFORMERS
     assert not any("relformer-upgrade" in record.getMessage() for record in caplog.records)
 
 
@@ -280,8 +281,6 @@ def test_tested_transformers_follows_the_dependency_range():
     """The shipped code's TESTED_TRANSFORMERS is the newest minor release pyproject.toml admits (`<5.(n+1)`), so that
     widening the range after CI passes on a new release also moves the upgrade hint."""
     import re
-
-    from hf_relformer.configuration_relformer import TESTED_TRANSFORMERS
 
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     major, minor = re.search(r'"transformers>=[\d.]+,<(\d+)\.(\d+)"', pyproject).groups()
