@@ -117,6 +117,8 @@ def build_norm(config: RelformerConfig) -> nn.Module:
 class RelformerFeedForward(nn.Module):
     """Position-wise feed-forward: `down(act(up(x)))`, or gated `down(act(gate(x)) * up(x))` (SwiGLU with silu)."""
 
+    DECODE_LAYOUT_LINEARS = ("up_proj", "down_proj", "gate_proj")  # see use_decode_layout
+
     def __init__(self, config: RelformerConfig):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
@@ -345,6 +347,8 @@ class RelformerAttention(nn.Module):
     cross-attention (`is_cross_attention=True`) reads them from the encoder output, once per generation, and has
     no position term (as in Shaw et al.).
     """
+
+    DECODE_LAYOUT_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")  # see use_decode_layout
 
     def __init__(self, config: RelformerConfig, layer_idx: int, is_causal: bool, is_cross_attention: bool = False):
         super().__init__()
@@ -637,6 +641,17 @@ class RelformerPreTrainedModel(PreTrainedModel):
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs):
         """Read by `generate()` with a static cache (see `masks_for_generate`)."""
         return masks_for_generate(config, inputs_embeds, attention_mask, **kwargs)
+
+    def train(self, mode: bool = True):
+        """nn.Module's `train`; training runs on the stored weight layout (see `use_decode_layout`)."""
+        if mode:
+            use_stored_layout(self)
+        return super().train(mode)
+
+    def state_dict(self, *args, **kwargs):
+        """nn.Module's `state_dict`, of the stored (contiguous) weight layout (see `use_decode_layout`)."""
+        use_stored_layout(self)
+        return super().state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -1128,7 +1143,82 @@ class RelformerEncoderDecoderModel(RelformerModel):
         )
 
 
-class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding on CPU: the layout of the weight matrices. A decode step of one sequence multiplies one row with every
+# weight matrix (a matrix-vector product that streams the matrix from memory), and torch's CPU kernels stream
+# nn.Linear's stored `[out, in]` (row-major) matrices up to twice as slowly as their transpose, the layout GPT-2's
+# Conv1D stores (measured at hidden 512, fp32: the tied `[32000, 512]` LM head 4.3 ms row-major against 2.2 ms); with
+# 8 rows per step (a batch, or beams) the stored layout is the faster one. So `generate()` of one row per step stores,
+# on CPU, the weights of Relformer's own projections (the `DECODE_LAYOUT_LINEARS` of each module: attention,
+# feed-forward, LM head) column-major, and any other `generate()` the stored layout: same shapes, same Parameter
+# objects, names and values (optimizers, PEFT and tied weights see nothing change), only the strides. `state_dict()`
+# (hence `save_pretrained`, Trainer's and PEFT's saving) and `train()` put the stored contiguous layout back first. A
+# projection with hooks (accelerate's offloading), of another class (a quantized or adapter layer), off CPU, or whose
+# weight is a view of a larger tensor is left alone. README's Performance has the measurements.
+# ---------------------------------------------------------------------------------------------------------------
+
+DECODE_LAYOUT_MARK = "_relformer_decode_layout"  # set on a weight Parameter while it is stored column-major
+
+
+def _decode_layout_weight(module: nn.Module | None) -> nn.Parameter | None:
+    """The weight of a plain CPU `nn.Linear` that may be stored column-major, or None."""
+    hooked = module is not None and (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+    if type(module) is not nn.Linear or hooked:
+        return None
+    weight = module.weight
+    whole = weight.storage_offset() == 0 and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
+    if weight.device.type != "cpu" or not weight.is_contiguous() or not whole or min(weight.shape) < 2:
+        return None
+    return weight
+
+
+def use_decode_layout(model: nn.Module) -> None:
+    """Store the `[out, in]` weights of the model's own CPU projections column-major (see above)."""
+    for module in model.modules():
+        for name in getattr(module, "DECODE_LAYOUT_LINEARS", ()):
+            weight = _decode_layout_weight(getattr(module, name))
+            if weight is not None:
+                weight.data = weight.data.t().contiguous().t()
+                setattr(weight, DECODE_LAYOUT_MARK, True)
+
+
+def use_stored_layout(model: nn.Module) -> None:
+    """Undo `use_decode_layout`: the weights it stored column-major become contiguous `[out, in]` again."""
+    for parameter in model.parameters():
+        if getattr(parameter, DECODE_LAYOUT_MARK, False):
+            parameter.data = parameter.data.contiguous()
+            delattr(parameter, DECODE_LAYOUT_MARK)
+
+
+class RelformerGenerationMixin(GenerationMixin):
+    """transformers' `GenerationMixin`; `generate()` first chooses the weights' layout (see `use_decode_layout`)."""
+
+    DECODE_LAYOUT_LINEARS = ("lm_head",)  # see use_decode_layout
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *args, **kwargs):
+        """transformers' `generate()` (same arguments and outputs), in the CPU decode layout when each step decodes one
+        row (see `use_decode_layout`), else in the stored layout."""
+        if decode_rows(self, inputs, generation_config, kwargs) == 1:
+            use_decode_layout(self)
+        else:
+            use_stored_layout(self)
+        return super().generate(inputs, generation_config, *args, **kwargs)
+
+
+def decode_rows(model: nn.Module, inputs: torch.Tensor | None, generation_config, kwargs: dict) -> int | None:
+    """The rows of one decode step of `generate(inputs, generation_config, **kwargs)`: sequences times beams (or
+    returned sequences); None when the batch cannot be read off the arguments."""
+    given = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+    batch = next((value.shape[0] for value in given if isinstance(value, torch.Tensor)), None)
+    config = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    per_input = max(
+        kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1,
+        kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1,
+    )
+    return None if batch is None else batch * per_input
+
+
+class RelformerForCausalLM(RelformerPreTrainedModel, RelformerGenerationMixin):
     """Decoder-only Relformer with a language-modelling head (tied to the token embeddings by default)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -1213,7 +1303,7 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int | None, decoder_s
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
-class RelformerForConditionalGeneration(RelformerPreTrainedModel, GenerationMixin):
+class RelformerForConditionalGeneration(RelformerPreTrainedModel, RelformerGenerationMixin):
     """Encoder-decoder Relformer with a language-modelling head: the Transformer of Vaswani et al. (2017)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.encoder.embed_tokens.weight"}
