@@ -1147,17 +1147,19 @@ class RelformerEncoderDecoderModel(RelformerModel):
 # Decoding on CPU: the layout of the weight matrices. A decode step of one sequence multiplies one row with every
 # weight matrix (a matrix-vector product that streams the matrix from memory), and torch's CPU kernels stream
 # nn.Linear's stored `[out, in]` (row-major) matrices up to twice as slowly as their transpose, the layout GPT-2's
-# Conv1D stores (measured at hidden 512, fp32: the tied `[32000, 512]` LM head 4.3 ms row-major against 2.2 ms); with
-# 8 rows per step (a batch, or beams) the stored layout is the faster one. So `generate()` of one row per step stores,
-# on CPU, the weights of Relformer's own projections (the `DECODE_LAYOUT_LINEARS` of each module: attention,
-# feed-forward, LM head) column-major, and any other `generate()` the stored layout: same shapes, same Parameter
-# objects, names and values (optimizers, PEFT and tied weights see nothing change), only the strides. `state_dict()`
-# (hence `save_pretrained`, Trainer's and PEFT's saving) and `train()` put the stored contiguous layout back first. A
+# Conv1D stores (measured at hidden 512, fp32: the tied `[32000, 512]` LM head 4.3 ms row-major against 2.2 ms); the
+# same holds up to 4 rows per step (a small batch, or beams), while from 8 rows on the stored layout is as fast or
+# faster. So `generate()` of at most `DECODE_LAYOUT_MAX_ROWS` rows per step stores, on CPU, the weights of
+# Relformer's own projections (the `DECODE_LAYOUT_LINEARS` of each module: attention, feed-forward, LM head)
+# column-major, and any other `generate()` the stored layout: same shapes, same Parameter objects, names and values
+# (optimizers, PEFT and tied weights see nothing change), only the strides. `state_dict()` (hence
+# `save_pretrained`, Trainer's and PEFT's saving) and `train()` put the stored contiguous layout back first. A
 # projection with hooks (accelerate's offloading), of another class (a quantized or adapter layer), off CPU, or whose
 # weight is a view of a larger tensor is left alone. README's Performance has the measurements.
 # ---------------------------------------------------------------------------------------------------------------
 
 DECODE_LAYOUT_MARK = "_relformer_decode_layout"  # set on a weight Parameter while it is stored column-major
+DECODE_LAYOUT_MAX_ROWS = 4  # rows per decode step (sequences x beams) up to which the column-major layout is faster
 
 
 def _decode_layout_weight(module: nn.Module | None) -> nn.Parameter | None:
@@ -1196,9 +1198,10 @@ class RelformerGenerationMixin(GenerationMixin):
     DECODE_LAYOUT_LINEARS = ("lm_head",)  # see use_decode_layout
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *args, **kwargs):
-        """transformers' `generate()` (same arguments and outputs), in the CPU decode layout when each step decodes one
-        row (see `use_decode_layout`), else in the stored layout."""
-        if decode_rows(self, inputs, generation_config, kwargs) == 1:
+        """transformers' `generate()` (same arguments and outputs), in the CPU decode layout when each step decodes at
+        most `DECODE_LAYOUT_MAX_ROWS` rows (see `use_decode_layout`), else in the stored layout."""
+        rows = decode_rows(self, inputs, generation_config, kwargs)
+        if rows is not None and rows <= DECODE_LAYOUT_MAX_ROWS:
             use_decode_layout(self)
         else:
             use_stored_layout(self)

@@ -1,6 +1,6 @@
-"""The CPU decode layout: `generate()` of one row per step stores the weights of Relformer's projections
-column-major (same shapes, Parameter objects and values; only the strides change), a `generate()` of more rows (a
-batch, beams) the stored layout; `state_dict()` (saving) and `train()` restore the stored layout, and layers with
+"""The CPU decode layout: `generate()` of at most 4 rows per step (sequences x beams) stores the weights of Relformer's
+projections column-major (same shapes, Parameter objects and values; only the strides change), a `generate()` of
+more rows the stored layout; `state_dict()` (saving) and `train()` restore the stored layout, and layers with
 hooks or of other classes are left alone. Outputs do not change."""
 
 import torch
@@ -44,9 +44,11 @@ def test_generate_stores_linear_weights_column_major_keeping_parameters_and_valu
     assert_layout(column_major=False)
     model.eval().generate(one_row, max_new_tokens=3, do_sample=False)
     assert_layout(column_major=True)
-    model.generate(one_row, max_new_tokens=3, num_beams=2)  # two rows per step
+    model.generate(IDS.repeat(3, 1), max_new_tokens=3, num_beams=2)  # 12 rows per step
     assert_layout(column_major=False)
-    model.generate(inputs_embeds=model.model.embed_tokens(IDS), max_new_tokens=3, do_sample=False)  # a batch of two
+    model.generate(inputs_embeds=model.model.embed_tokens(IDS), max_new_tokens=3, num_beams=2)  # 4 rows
+    assert_layout(column_major=True)
+    model.generate(one_row.repeat(5, 1), max_new_tokens=3, do_sample=False)  # 5 rows
     assert_layout(column_major=False)
     model.generate(input_ids=one_row, max_new_tokens=3, do_sample=False)
     assert_layout(column_major=True)
