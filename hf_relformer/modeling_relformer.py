@@ -1164,8 +1164,9 @@ DECODE_LAYOUT_MAX_ROWS = 4  # rows per decode step (sequences x beams) up to whi
 
 def _decode_layout_weight(module: nn.Module | None) -> nn.Parameter | None:
     """The weight of a plain CPU `nn.Linear` that may be stored column-major, or None."""
-    hooked = module is not None and (module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
-    if type(module) is not nn.Linear or hooked:
+    if type(module) is not nn.Linear:  # None (an absent projection), or a quantized / adapter subclass
+        return None
+    if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
         return None
     weight = module.weight
     whole = weight.storage_offset() == 0 and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
