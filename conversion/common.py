@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from hf_relformer import RelformerConfig
-from hf_relformer.modeling_relformer import CheckpointFit, pickle_refusal
+from hf_relformer.loading_relformer import CheckpointFit, pickle_refusal
 from hf_relformer.positions_relformer import POSITION_SCHEMES
 from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
 

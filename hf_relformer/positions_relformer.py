@@ -11,12 +11,11 @@ scheme a model uses.
   `DistanceGrid` (distances key - query, turned into what the scheme needs: a bucket index, a bias).
   `layer_inputs` is handed unchanged to every attention layer.
 - The *attention part* lives in each self-attention module and has two hooks around the key/value cache update:
-  `before_cache(query, key, layer_inputs) -> (query, key)` (rotary rotates q and k), and, when `adds_bias`,
-  `bias(query, key, grid_block, mask) -> attention_kwargs` (run as the module's forward) for a block of query rows
-  against the cached keys (`position_bias`, and for Shaw's values term `relative_values`). Attention runs every
-  bias scheme through one blocked path, so long inputs never hold an `[L, L]` bias. Under flex attention the same
-  part gives `score_mod(query, key, grid)` instead (its term read from `O(L·R)` tensors), and Shaw's values term
-  comes from the kernel's log-sum-exp (`flex_values_term`).
+  `before_cache(query, key, layer_inputs) -> (query, key)` (rotary rotates q and k), and, after it, its forward
+  `(query, all keys, layer_inputs) -> PositionTerms or None`: what the scheme adds to attention (a bias for a block
+  of query rows, the same as a flex `score_mod`, and Shaw's values term from the probabilities or the log-sum-exp).
+  The attention engine (`attention_relformer.py`) hands the terms to every backend and merges them with the mask;
+  a scheme never sees the mask or the backend.
 
 Adding a scheme means writing its parts, one `PositionScheme` subclass and one entry in `POSITION_SCHEMES`.
 This file is shipped with every saved checkpoint (remote code): it imports only torch and transformers.
@@ -29,6 +28,8 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+from .attention_relformer import PositionTerms
 
 
 class NoStackPositions(nn.Module):
@@ -43,10 +44,10 @@ class NoStackPositions(nn.Module):
 
 class NoAttentionPositions(nn.Module):
     """No position term in attention (absolute schemes, `"none"`, and every cross-attention); the base of every
-    attention part: `before_cache` leaves q and k alone, and a part that sets `adds_bias` defines `bias`."""
+    attention part, with its two hooks around the key/value cache update: `before_cache` (rotary rotates q and k) and,
+    after it, the module's forward, which returns the scheme's `PositionTerms` for this layer and forward (or None)."""
 
-    adds_bias = False
-    adds_values = False  # Shaw's values term (flex attention then asks its kernel for the log-sum-exp)
+    terms: type[PositionTerms] | None = None  # the class of what its forward returns (None: nothing)
 
     def __init__(self, config, causal: bool):
         super().__init__()
@@ -55,30 +56,11 @@ class NoAttentionPositions(nn.Module):
         """query `[B, H, Lq, D]`, this step's key `[B, H_kv, Lq, D]` -> (query, key), before the cache update."""
         return query, key
 
-    def bias(self, query, key, grid_block, mask=None) -> dict:
-        """query `[B, H, rows, D]`, all keys `[B, H_kv, Lk, D]` and the `DistanceGrid` block `[rows, Lk]` (or its
-        `[H, rows, Lk]` bias) -> attention kwargs with `position_bias` (plus the additive `mask` when given)."""
-        raise NotImplementedError
-
-    def score_mod(self, query, key, grid) -> Callable | None:
-        """Flex attention's form of `bias`: a `score_mod(score, b, h, q_idx, kv_idx)` that adds this scheme's term to
-        the scaled scores of queries `[B, H, Lq, D]` against all keys `[B, H_kv, Lk, D]`, reading tensors of `O(L·R)`
-        elements (never `[Lq, Lk]`); `grid` is the stack's `DistanceGrid`. None: the scheme adds nothing. Written with
-        broadcasting indexing, so it also runs on index tensors of any shape (the values band of `flex_values_term`)."""
+    def forward(self, query, key, layer_inputs) -> PositionTerms | None:
+        """query `[B, H, Lq, D]`, all keys `[B, H_kv, Lk, D]` and the stack part's `layer_inputs` -> the terms this
+        scheme adds to attention, or None. Called as the module, so that module hooks run around it (accelerate's
+        offloading loads the tables only then): the terms compute from tables read here."""
         return None
-
-    def far_mask_mod(self, grid) -> Callable | None:
-        """A region whose log-sum-exp `flex_values_term` needs besides the whole row's (a mask_mod), or None."""
-        return None
-
-    def flex_values_term(self, query, key, grid, score_mod, mask_mod, lse, far_lse=None) -> torch.Tensor | None:
-        """The term a scheme adds to flex attention's output `[B, H, Lq, D]`, from the kernel's log-sum-exp, or None."""
-        return None
-
-    def forward(self, query, key, grid_block, mask=None) -> dict:
-        """`bias`, called as the module (`self.position(...)`) so that module hooks run around it: accelerate's
-        offloading (device_map with "disk") loads the tables only then."""
-        return self.bias(query, key, grid_block, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,6 +265,83 @@ class RelativeBuckets(DistanceGridPositions):
         return distance.clamp(-k, 0 if self.causal else k) + k
 
 
+class ShawTerms(PositionTerms):
+    """Shaw's terms for one layer and forward: the keys term `q_i·a^K[bucket(i, j)]` (plus `k_j·a^K` with
+    `key_query`) gathered from `[B, H, L, R]` products, and with a values table the values term
+    `Σ_j α_ij a^V[bucket(i, j)]`, from the probabilities or from flex attention's log-sum-exp."""
+
+    adds_bias = True
+
+    def __init__(self, part: "ShawRelativeAttention", query, key, grid, query_scores, key_scores, value_table):
+        self.per_head, self.max_distance, self.causal, self.scaling = (
+            part.per_head, part.max_distance, part.causal, part.scaling
+        )  # fmt: skip
+        self.query, self.key, self.grid = query, key, grid
+        self.query_scores, self.key_scores, self.value_table = query_scores, key_scores, value_table
+        self.adds_values = value_table is not None
+
+    def bias(self, start, stop, key_stop):
+        bucket_index = self.grid.block(start, stop, key_stop)  # [rows, keys]
+        scores = self.query_scores[:, :, start:stop]
+        position_bias = scores.gather(-1, bucket_index.expand(*scores.shape[:2], *bucket_index.shape))
+        if self.key_scores is not None:
+            key_scores = self.key_scores[:, :, :key_stop]
+            key_index = bucket_index.T.expand(*key_scores.shape[:2], *bucket_index.T.shape)
+            position_bias = position_bias + key_scores.gather(-1, key_index).transpose(-1, -2)
+        return position_bias
+
+    def score_mod(self):
+        """Adds `(q_i·a^K)[bucket(i, j)]` (and `k_j·a^K` with `key_query`), read from the `[B, H, L, R]` products."""
+        grid, bucket = self.grid, self.grid.line()[0]  # [2·Lk - 1]: the bucket of each distance
+        scores, key_scores = self.query_scores, self.key_scores
+
+        def add_relative_keys(score, b, h, q_idx, kv_idx):
+            index = bucket[grid.line_index(q_idx, kv_idx)]
+            score = score + scores[b, h, q_idx, index].to(score.dtype)
+            if key_scores is not None:
+                score = score + key_scores[b, h, kv_idx, index].to(score.dtype)
+            return score
+
+        return add_relative_keys
+
+    def values(self, probabilities, start, stop, key_stop):
+        bucket_index = self.grid.block(start, stop, key_stop)
+        return relative_values_term(probabilities, bucket_index, self.value_table, self.per_head)
+
+    def values_from_lse(self, lse, mask_mod, lse_of):
+        """Without the probabilities `α`: only keys within distance `k - 1` have buckets of their own (a band of
+        `W = k` keys causal, `2k - 1` bidirectional); their probabilities are `exp(score - lse)` with the band's scores
+        recomputed (`O(Lq·W·D)`); the clipped buckets get the rest: causal `1 - Σ band`, bidirectional the mass at
+        distances `<= -k` (a second kernel call, `lse_of`) and `1 - Σ band - that` (distances `>= k`)."""
+        query, key, grid, k = self.query, self.key, self.grid, self.max_distance
+        (batch, heads, query_length, _), key_length = query.shape, key.shape[2]
+        if key.shape[1] != heads:  # grouped-query attention: head h reads key head h // (H / H_kv)
+            key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        device = query.device
+        offsets = torch.arange(1 - k, 1 if self.causal else k, device=device)  # band distances; bucket = offset + k
+        q_idx = torch.arange(query_length, device=device)[:, None]
+        kv_idx = q_idx + grid.past_length + offsets  # [Lq, W]
+        inside = (kv_idx >= 0) & (kv_idx < key_length)
+        kv_idx = kv_idx.clamp(0, key_length - 1)
+        band_keys = key[:, :, kv_idx]  # [B, H, Lq, W, D]
+        scores = torch.einsum("bhqd,bhqwd->bhqw", query, band_keys).float() * self.scaling  # as the kernel scales
+        b = torch.arange(batch, device=device)[:, None, None, None]
+        h = torch.arange(heads, device=device)[None, :, None, None]
+        scores = self.score_mod()(scores, b, h, q_idx[None, None], kv_idx[None, None])
+        allowed = inside if mask_mod is None else inside & mask_mod(b, h, q_idx[None, None], kv_idx[None, None])
+        lse = lse.float()
+        seen = torch.isfinite(lse)[..., None]  # a query that sees no key at all (a causal pad) has lse = -inf
+        band = torch.where(allowed & seen, torch.exp(scores - lse.where(seen[..., 0], 0.0)[..., None]), 0.0)
+        beyond = 1.0 - band.sum(-1, keepdim=True)
+        if self.causal:
+            bucket_weights = torch.cat([beyond, band], dim=-1)  # [B, H, Lq, k + 1]
+        else:
+            far_region = lambda b, h, q_idx, kv_idx: kv_idx - q_idx - grid.past_length <= -k  # noqa: E731
+            far = torch.exp(lse_of(far_region).float() - lse.where(seen[..., 0], 0.0))[..., None] * seen
+            bucket_weights = torch.cat([far, band, beyond - far], dim=-1)  # [B, H, Lq, 2k + 1]
+        return relative_values_term_of_buckets(bucket_weights, self.value_table, self.per_head).to(query.dtype)
+
+
 class ShawRelativeAttention(NoAttentionPositions):
     """The relative tables of one self-attention layer and the keys term they add.
 
@@ -292,7 +351,7 @@ class ShawRelativeAttention(NoAttentionPositions):
     the key-side product `k_j·a_ij` (same table; encoders only).
     """
 
-    adds_bias = True
+    terms = ShawTerms
 
     def __init__(self, config, causal: bool):
         super().__init__(config, causal)
@@ -306,87 +365,18 @@ class ShawRelativeAttention(NoAttentionPositions):
         self.per_head = config.relative_attention_per_head
         self.key_query = config.relative_attention_key_query
         self.max_distance, self.causal = k, causal
-        self.adds_values = config.relative_attention_values
         self.scaling = attention_scaling(config)
         self.relative_key_table = nn.Parameter(torch.empty(shape))
         self.relative_value_table = nn.Parameter(torch.empty(shape)) if config.relative_attention_values else None
 
-    def bias(self, query, key, grid_block, mask=None):
-        """query `[B, H, Lq, D]` and the bucket index `[Lq, Lk]` of a block of query rows -> `position_bias`
-        `[B, H, Lq, Lk]` (already scaled)."""
-        bucket_index = grid_block
-        scores = table_product(query, self.relative_key_table, self.per_head)  # [B, H, Lq, R]
-        position_bias = scores.gather(-1, bucket_index.expand(*scores.shape[:2], *bucket_index.shape))
+    def forward(self, query, key, grid) -> ShawTerms:
+        """query `[B, H, Lq, D]`, all keys `[B, H_kv, Lk, D]` and the stack's bucket-index `DistanceGrid` -> the keys
+        term's products with the tables `[B, H, L, R]` (scaled), from which every block's bias is gathered."""
+        query_scores = table_product(query, self.relative_key_table, self.per_head) * self.scaling
+        key_scores = None
         if self.key_query:
-            key_scores = table_product(key, self.relative_key_table, self.per_head)  # [B, H, Lk, R]
-            key_index = bucket_index.T.expand(*key_scores.shape[:2], *bucket_index.T.shape)
-            position_bias = position_bias + key_scores.gather(-1, key_index).transpose(-1, -2)
-        position_bias = position_bias.mul_(self.scaling)  # in place: the gather made a new tensor
-        kwargs = {"position_bias": position_bias if mask is None else position_bias.add_(mask)}
-        if self.relative_value_table is not None:
-            kwargs["relative_values"] = (bucket_index, self.relative_value_table, self.per_head)
-        return kwargs
-
-    def score_mod(self, query, key, grid):
-        """Adds `(q_i·a^K)[bucket(i, j)]` (and `k_j·a^K` with `key_query`), read from `[B, H, L, R]` products."""
-        bucket = grid.line()[0]  # [2·Lk - 1]: the bucket of each distance
-        scores = table_product(query, self.relative_key_table, self.per_head) * self.scaling  # [B, H, Lq, R]
-        key_scores = (
-            table_product(key, self.relative_key_table, self.per_head) * self.scaling if self.key_query else None
-        )
-
-        def add_relative_keys(score, b, h, q_idx, kv_idx):
-            index = bucket[grid.line_index(q_idx, kv_idx)]
-            score = score + scores[b, h, q_idx, index].to(score.dtype)
-            if key_scores is not None:
-                score = score + key_scores[b, h, kv_idx, index].to(score.dtype)
-            return score
-
-        return add_relative_keys
-
-    def far_mask_mod(self, grid) -> Callable | None:
-        """Flex attention's values term in an encoder needs the probability mass on keys at distance `<= -k` (bucket
-        0) apart from that at `>= k`: the mask of that region (a second kernel call returns its log-sum-exp). A
-        causal stack has no second region: None."""
-        if not self.adds_values or self.causal:
-            return None
-        return lambda b, h, q_idx, kv_idx: kv_idx - q_idx - grid.past_length <= -self.max_distance
-
-    def flex_values_term(self, query, key, grid, score_mod, mask_mod, lse, far_lse=None) -> torch.Tensor | None:
-        """Shaw's values term `Σ_j α_ij a^V[bucket(i, j)]` `[B, H, Lq, D]` without the probabilities `α`: only keys
-        within distance `k - 1` have buckets of their own (a band of `W = k` keys causal, `2k - 1` bidirectional);
-        their probabilities are `exp(score - lse)` with the band's scores recomputed (`O(Lq·W·D)`); the clipped
-        buckets get the rest: causal `1 - Σ band`, bidirectional `exp(far_lse - lse)` (distances `<= -k`) and
-        `1 - Σ band - that` (distances `>= k`). `lse` `[B, H, Lq]` is the kernel's log-sum-exp of the scaled,
-        modified, masked scores; `mask_mod` its mask (None: every key)."""
-        if not self.adds_values:
-            return None
-        k, (batch, heads, query_length, _), key_length = self.max_distance, query.shape, key.shape[2]
-        if key.shape[1] != heads:  # grouped-query attention: head h reads key head h // (H / H_kv)
-            key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        device = query.device
-        offsets = torch.arange(1 - k, 1 if self.causal else k, device=device)  # band distances; bucket = offset + k
-        q_idx = torch.arange(query_length, device=device)[:, None]
-        kv_idx = q_idx + grid.past_length + offsets  # [Lq, W]
-        inside = (kv_idx >= 0) & (kv_idx < key_length)
-        kv_idx = kv_idx.clamp(0, key_length - 1)
-        band_keys = key[:, :, kv_idx]  # [B, H, Lq, W, D]
-        scores = torch.einsum("bhqd,bhqwd->bhqw", query, band_keys).float() * self.scaling
-        b = torch.arange(batch, device=device)[:, None, None, None]
-        h = torch.arange(heads, device=device)[None, :, None, None]
-        if score_mod is not None:
-            scores = score_mod(scores, b, h, q_idx[None, None], kv_idx[None, None])
-        allowed = inside if mask_mod is None else inside & mask_mod(b, h, q_idx[None, None], kv_idx[None, None])
-        lse = lse.float()
-        seen = torch.isfinite(lse)[..., None]  # a query that sees no key at all (a causal pad) has lse = -inf
-        band = torch.where(allowed & seen, torch.exp(scores - lse.where(seen[..., 0], 0.0)[..., None]), 0.0)
-        beyond = 1.0 - band.sum(-1, keepdim=True)
-        if self.causal:
-            bucket_weights = torch.cat([beyond, band], dim=-1)  # [B, H, Lq, k + 1]
-        else:
-            far = torch.exp(far_lse.float() - lse.where(seen[..., 0], 0.0))[..., None] * seen
-            bucket_weights = torch.cat([far, band, beyond - far], dim=-1)  # [B, H, Lq, 2k + 1]
-        return relative_values_term_of_buckets(bucket_weights, self.relative_value_table, self.per_head).to(query.dtype)
+            key_scores = table_product(key, self.relative_key_table, self.per_head) * self.scaling
+        return self.terms(self, query, key, grid, query_scores, key_scores, self.relative_value_table)
 
 
 def attention_scaling(config) -> float:
@@ -428,24 +418,35 @@ def relative_values_term_of_buckets(bucket_weights: torch.Tensor, table: torch.T
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class GridBias(NoAttentionPositions):
-    """The attention part of a scheme whose stack part computes the bias itself (`[H, rows, keys]` per block of the
-    `DistanceGrid`): the same bias for every layer of the stack, added to the scores."""
+class GridTerms(PositionTerms):
+    """The bias of a `DistanceGrid` that holds it (`[H, rows, keys]` per block, `[H, 1, 2·Lk - 1]` as its line)."""
 
     adds_bias = True
 
-    def bias(self, query, key, grid_block, mask=None):
-        position_bias = grid_block.to(query.dtype)[None]  # [1, H, rows, keys]
-        return {"position_bias": position_bias if mask is None else position_bias + mask}
+    def __init__(self, grid, dtype: torch.dtype):
+        self.grid, self.dtype = grid, dtype
 
-    def score_mod(self, query, key, grid):
+    def bias(self, start, stop, key_stop):
+        return self.grid.block(start, stop, key_stop).to(self.dtype)[None]  # [1, H, rows, keys]
+
+    def score_mod(self):
         """Adds the bias of each pair's distance, read from the grid's `[H, 2·Lk - 1]` line."""
-        bias = grid.line()[:, 0].to(query.dtype)
+        grid, bias = self.grid, self.grid.line()[:, 0].to(self.dtype)
 
         def add_bias(score, b, h, q_idx, kv_idx):
             return score + bias[h, grid.line_index(q_idx, kv_idx)].to(score.dtype)
 
         return add_bias
+
+
+class GridBias(NoAttentionPositions):
+    """The attention part of a scheme whose stack part computes the bias itself (`[H, rows, keys]` per block of the
+    `DistanceGrid`): the same bias for every layer of the stack, added to the scores."""
+
+    terms = GridTerms
+
+    def forward(self, query, key, grid) -> GridTerms:
+        return self.terms(grid, query.dtype)
 
 
 def t5_relative_position_bucket(

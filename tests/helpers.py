@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 from transformers import DynamicCache
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 import hf_relformer  # noqa: F401  (registers the Auto classes)
 from hf_relformer import RelformerConfig, RelformerForCausalLM, RelformerForConditionalGeneration, RelformerModel
-from hf_relformer.modeling_relformer import repeat_kv
+from hf_relformer.attention_relformer import AttentionMask, repeat_kv
 from hf_relformer.positions_relformer import POSITION_SCHEMES, PositionScheme, scheme_variants
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -154,14 +153,8 @@ def run_attention(model, hidden, past, mask):
 
 
 def model_mask(model, hidden, mask, past):
-    """The 4-D mask the model would build for these inputs."""
-    if model.is_causal:
-        cache = DynamicCache(config=model.config)
-        if past:
-            shape = (hidden.shape[0], model.config.num_key_value_heads, past, model.config.head_dim)
-            cache.update(torch.zeros(shape), torch.zeros(shape), 0)
-        return create_causal_mask(model.config, hidden[:, past:], mask, cache)
-    return create_bidirectional_mask(model.config, hidden, mask)
+    """The mask description the model would build for these inputs."""
+    return AttentionMask.of(mask, hidden.shape[0], hidden.shape[1] - past, hidden.shape[1], model.is_causal, past)
 
 
 def assert_attention_matches_naive(model: RelformerModel, hidden: torch.Tensor, past: int, mask: torch.Tensor | None):

@@ -6,7 +6,7 @@ import torch
 
 from benchmarks.naive_shaw import naive_shaw_attention
 from benchmarks.run import main, make_row, relformer_config
-from hf_relformer import RelformerModel, modeling_relformer
+from hf_relformer import RelformerModel, attention_relformer
 from hf_relformer.positions_relformer import DistanceGrid
 
 from helpers import redraw_weights
@@ -15,8 +15,8 @@ from helpers import redraw_weights
 @pytest.mark.parametrize("blocks", [False, True])
 def test_naive_baseline_equals_the_model_attention(blocks, monkeypatch):
     if blocks:  # the path long inputs take
-        monkeypatch.setattr(modeling_relformer, "BLOCK_ELEMENTS", 4 * 40 * 5)
-        monkeypatch.setattr(modeling_relformer, "MIN_BLOCK_ROWS", 1)
+        monkeypatch.setattr(attention_relformer, "BLOCK_ELEMENTS", 4 * 40 * 5)
+        monkeypatch.setattr(attention_relformer, "MIN_BLOCK_ROWS", 1)
         monkeypatch.setattr(DistanceGrid, "WHOLE_LIMIT", 0)
     shape = dict(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
     config = relformer_config(shape, "relative", relative_attention_max_distance=6)

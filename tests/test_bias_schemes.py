@@ -6,7 +6,7 @@ import torch
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from hf_relformer import RelformerConfig, RelformerModel, modeling_relformer
+from hf_relformer import RelformerConfig, RelformerModel, attention_relformer
 from hf_relformer.positions_relformer import (
     POSITION_SCHEMES,
     DistanceGrid,
@@ -18,7 +18,7 @@ from hf_relformer.positions_relformer import (
 
 from helpers import SCHEMES, scheme_of, tiny_config, tiny_lm, tiny_seq2seq
 
-BIAS_SCHEMES = [name for name in SCHEMES if scheme_of(name).attention_part.adds_bias]
+BIAS_SCHEMES = [name for name in SCHEMES if getattr(scheme_of(name).attention_part.terms, "adds_bias", False)]
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -45,8 +45,8 @@ def test_blocks_of_query_rows_give_the_whole_result(scheme, form, monkeypatch):
         inputs = {"input_ids": ids, "attention_mask": mask.flip(-1), "decoder_input_ids": ids[:, :11]}
     with torch.no_grad():
         whole = model(**inputs).logits
-        monkeypatch.setattr(modeling_relformer, "BLOCK_ELEMENTS", 1)
-        monkeypatch.setattr(modeling_relformer, "MIN_BLOCK_ROWS", 1)
+        monkeypatch.setattr(attention_relformer, "BLOCK_ELEMENTS", 1)
+        monkeypatch.setattr(attention_relformer, "MIN_BLOCK_ROWS", 1)
         monkeypatch.setattr(DistanceGrid, "WHOLE_LIMIT", 0)
         blocked = model(**inputs).logits
     real = inputs["attention_mask"].bool() if form == "decoder" else torch.ones(2, 11, dtype=torch.bool)

@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from hf_relformer import RelformerForCausalLM, RelformerModel, conversion
+from hf_relformer.checkpoint import MODEL_CODE
 from hf_relformer.conversion.cli import main
 from hf_relformer.conversion.source import Flag, Source
 
@@ -77,9 +78,7 @@ def test_gpt2_logits_and_greedy_generation_match(gpt2_folder, tmp_path):
     assert results["verified"] and results["max_abs_difference"] <= 1e-4
     expected_files = {"model.safetensors", "config.json", "generation_config.json", "README.md", "tokenizer.json"}
     assert expected_files <= {path.name for path in (tmp_path / "out").iterdir()}
-    assert {"modeling_relformer.py", "positions_relformer.py", "configuration_relformer.py"} <= {
-        path.name for path in (tmp_path / "out").iterdir()
-    }
+    assert set(MODEL_CODE) <= {path.name for path in (tmp_path / "out").iterdir()}
     source = GPT2LMHeadModel.from_pretrained(gpt2_folder).eval()
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert isinstance(ours, RelformerForCausalLM) and ours.config.position_embedding_type == "learned"

@@ -11,11 +11,11 @@ term never builds an `[Lq, Lk]` grid; training on CPU is refused with the backen
 import pytest
 import torch
 from test_generation_logits import PROMPTS, generate, left_padded, uncached_logits
-from torch.nn.attention.flex_attention import create_block_mask
 from transformers.masking_utils import and_masks
 
 from hf_relformer import RelformerModel
-from hf_relformer.modeling_relformer import cache_of, run_flex_attention
+from hf_relformer.attention_relformer import AttentionMask, run_flex_attention
+from hf_relformer.modeling_relformer import cache_of
 from hf_relformer.positions_relformer import DistanceGrid, RelativeBuckets, ShawRelativeAttention, relative_values_term
 
 from helpers import SCHEMES, redraw_weights, tiny_config, tiny_lm, tiny_seq2seq
@@ -148,9 +148,10 @@ def test_static_cache_generate_under_flex_equals_dynamic(form):
     ("causal", "query_length", "past"), [(True, 7, 0), (True, 3, 6), (True, 1, 2), (False, 7, 0), (False, 2, 0)]
 )
 def test_values_term_from_the_log_sum_exp_equals_eager_values_term(causal, query_length, past, per_head):
-    """`flex_values_term` (a band of `W` keys, the clipped buckets by subtraction and, bidirectional, a second
-    log-sum-exp) against `relative_values_term` of the eager probabilities; left padding in row 1, k = 3 below and
-    above the length, and a query that sees no key at all (row 1's first, causal: its term only has to be finite)."""
+    """`ShawTerms.values_from_lse` (a band of `W` keys, the clipped buckets by subtraction and, bidirectional, a
+    second log-sum-exp through `lse_of`) against its `values` of the eager probabilities; left padding in row 1, k = 3
+    below and above the length, and a query that sees no key at all (row 1's first, causal: its term only has to be
+    finite)."""
     config = tiny_config(relative_attention_values=True, relative_attention_per_head=per_head)
     part = ShawRelativeAttention(config, causal)
     generator = torch.Generator().manual_seed(0)
@@ -162,26 +163,24 @@ def test_values_term_from_the_log_sum_exp_equals_eager_values_term(causal, query
     grid = DistanceGrid(query_length, past, key_length, RelativeBuckets(config, causal).transform, "cpu")
     tokens = torch.ones(2, key_length, dtype=torch.bool)
     tokens[1, : min(3, key_length - 1)] = False
+    mask = AttentionMask.of(tokens.long(), 2, query_length, key_length, causal, past)
+    terms = part(query, key, grid)
+    score_mod, mask_mod = terms.score_mod(), mask.mask_mod()
+    _, lse = run_flex_attention(query, key, value, score_mod, mask.block_mask(query.device), part.scaling, True)
+    regions = []
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return tokens[b, kv_idx] & ((kv_idx <= q_idx + past) if causal else True)
+    def lse_of(region):
+        regions.append(region)
+        region_mask = mask.block_mask_of(and_masks(mask_mod, region), query.device)
+        return run_flex_attention(query, key, value, score_mod, region_mask, part.scaling, True)[1]
 
-    block_mask = create_block_mask(mask_mod, 2, None, query_length, key_length, device="cpu", _compile=False)
-    score_mod = part.score_mod(query, key, grid)
-    _, lse = run_flex_attention(query, key, value, score_mod, block_mask, part.scaling, True)
-    far_lse, far_mask_mod = None, part.far_mask_mod(grid)
-    assert (far_mask_mod is None) == causal
-    if not causal:
-        far_mask = create_block_mask(and_masks(mask_mod, far_mask_mod), 2, None, query_length, key_length,
-                                     device="cpu", _compile=False)  # fmt: skip
-        far_lse = run_flex_attention(query, key, value, score_mod, far_mask, part.scaling, True)[1]
-    term = part.flex_values_term(query, key, grid, score_mod, mask_mod, lse, far_lse)
+    term = terms.values_from_lse(lse, mask_mod, lse_of)
+    assert len(regions) == (0 if causal else 1)
 
-    bucket_index = grid.block(0, query_length, key_length)
-    scores = query @ key.transpose(-1, -2) * part.scaling + part.bias(query, key, bucket_index)["position_bias"]
-    q_idx, kv_idx = torch.arange(query_length)[:, None], torch.arange(key_length)
-    allowed = mask_mod(torch.arange(2)[:, None, None, None], 0, q_idx, kv_idx).expand(2, 1, query_length, key_length)
+    scores = query @ key.transpose(-1, -2) * part.scaling + terms.bias(0, query_length, key_length)
+    allowed = mask.allowed(0, query_length, key_length, query.device).expand(2, 1, query_length, key_length)
     probabilities = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    bucket_index = grid.block(0, query_length, key_length)
     expected = relative_values_term(probabilities, bucket_index, part.relative_value_table, per_head)
     sees_a_key = allowed.any(-1).expand(-1, 4, -1)  # [B, H, Lq]
     torch.testing.assert_close(term[sees_a_key], expected[sees_a_key], atol=1e-5, rtol=1e-5)

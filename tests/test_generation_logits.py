@@ -157,4 +157,7 @@ def test_no_deprecation_warning_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-c", WARNING_SCRIPT], capture_output=True, text=True, cwd=REPO_ROOT,
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "deprecated" not in result.stderr.lower(), result.stderr[-3000:]
+    # torchao (a test extra, imported by transformers' quantizers) registers Enums with torch's pytree at import, which
+    # torch 2.13 logs as deprecated: not a warning of this code or of transformers' cache
+    ours = [line for line in result.stderr.lower().splitlines() if "torch/utils/_pytree.py" not in line]
+    assert not any("deprecated" in line for line in ours), result.stderr[-3000:]

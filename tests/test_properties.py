@@ -31,7 +31,7 @@ from hf_relformer import (
     RelformerForSequenceClassification,
     RelformerForTokenClassification,
     RelformerModel,
-    modeling_relformer,
+    attention_relformer,
 )
 from hf_relformer.modeling_relformer import cache_of
 from hf_relformer.positions_relformer import DistanceGrid
@@ -176,12 +176,12 @@ def padded_batches(
 
 @contextmanager
 def attention_blocks(rows: int | None, index_per_block: bool) -> Iterator[None]:
-    """Force `_attend_in_blocks` to split the queries into blocks of `rows` query rows (None: the defaults, one block
+    """Force `in_query_blocks` to split the queries into blocks of `rows` query rows (None: the defaults, one block
     for these short inputs); `index_per_block` builds the bucket index per block instead of slicing a whole one."""
     with pytest.MonkeyPatch.context() as patch:
         if rows is not None:
-            patch.setattr(modeling_relformer, "BLOCK_ELEMENTS", 1)  # block rows = min(MIN_BLOCK_ROWS, Lq)
-            patch.setattr(modeling_relformer, "MIN_BLOCK_ROWS", rows)
+            patch.setattr(attention_relformer, "BLOCK_ELEMENTS", 1)  # block rows = min(MIN_BLOCK_ROWS, Lq)
+            patch.setattr(attention_relformer, "MIN_BLOCK_ROWS", rows)
         if index_per_block:
             patch.setattr(DistanceGrid, "WHOLE_LIMIT", 0)
         yield

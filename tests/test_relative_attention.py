@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from hf_relformer import RelformerModel, modeling_relformer
+from hf_relformer import RelformerModel, attention_relformer
 from hf_relformer.modeling_relformer import cache_of
 from hf_relformer.positions_relformer import DistanceGrid
 
@@ -47,8 +47,8 @@ def blocks(request, monkeypatch):
     """Run each case once as one block, and once one query row per block with the bucket index built per block
     (what long inputs do)."""
     if request.param == "row-blocks":
-        monkeypatch.setattr(modeling_relformer, "BLOCK_ELEMENTS", 1)
-        monkeypatch.setattr(modeling_relformer, "MIN_BLOCK_ROWS", 1)
+        monkeypatch.setattr(attention_relformer, "BLOCK_ELEMENTS", 1)
+        monkeypatch.setattr(attention_relformer, "MIN_BLOCK_ROWS", 1)
         monkeypatch.setattr(DistanceGrid, "WHOLE_LIMIT", 0)
     return request.param
 
@@ -96,8 +96,8 @@ def test_long_input_blocks_give_the_same_model_outputs_and_generation(scheme, mo
     with torch.no_grad():
         whole = model(ids, attention_mask=mask).logits
         whole_generated = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
-    monkeypatch.setattr(modeling_relformer, "BLOCK_ELEMENTS", 2 * 4 * 12 * 3)  # about 3 query rows per block
-    monkeypatch.setattr(modeling_relformer, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(attention_relformer, "BLOCK_ELEMENTS", 2 * 4 * 12 * 3)  # about 3 query rows per block
+    monkeypatch.setattr(attention_relformer, "MIN_BLOCK_ROWS", 1)
     monkeypatch.setattr(DistanceGrid, "WHOLE_LIMIT", 0)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, attention_mask=mask).logits[mask.bool()], whole[mask.bool()])

@@ -134,8 +134,8 @@ def test_labels_are_shifted_into_decoder_inputs_and_the_loss_is_not_shifted_agai
     labels = torch.tensor([[7, 9, 11, 2], [20, 2, -100, -100]])
     decoder_ids = shift_tokens_right(labels, pad_token_id=0, decoder_start_token_id=1)
     assert decoder_ids.tolist() == [[1, 7, 9, 11], [1, 20, 2, 0]]
-    out = model(ids, attention_mask=mask, labels=labels)
-    with torch.no_grad():
+    with torch.no_grad():  # both without gradients: SDPA picks another kernel for inputs that need them (~1e-5)
+        out = model(ids, attention_mask=mask, labels=labels)
         logits = model(ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
     torch.testing.assert_close(out.logits, logits)
     # by hand: mean over the 6 labelled positions of -log p(label_t | logits_t), logit t against label t

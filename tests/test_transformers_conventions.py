@@ -12,7 +12,7 @@ from hf_relformer import (
     RelformerForSequenceClassification,
     RelformerForTokenClassification,
     RelformerModel,
-    modeling_relformer,
+    loading_relformer,
 )
 
 from helpers import SCHEMES, redraw_weights, tiny_config
@@ -92,7 +92,7 @@ def test_a_head_of_another_shape_is_refused_unless_ignore_mismatched_sizes(head,
     trained.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"classifier.weight is \(3, 32\) in the file, \(42, 32\) here"):
         head.from_pretrained(tmp_path, num_labels=42)
-    with CaptureLogger(modeling_relformer.logger) as captured:
+    with CaptureLogger(loading_relformer.logger) as captured:
         reloaded = head.from_pretrained(tmp_path, num_labels=42, ignore_mismatched_sizes=True)
     assert reloaded.classifier.weight.shape == (42, 32)
     report = captured.out
@@ -166,7 +166,7 @@ def test_missing_body_tensors_raise_unless_the_report_is_asked_for(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"1 tensor\(s\) missing \(model.layers.1.mlp.up_proj.weight"):
         RelformerForCausalLM.from_pretrained(tmp_path)
-    with CaptureLogger(modeling_relformer.logger) as captured:
+    with CaptureLogger(loading_relformer.logger) as captured:
         loaded, info = RelformerForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert set(info["missing_keys"]) == {missing} and set(info["unexpected_keys"]) == {"model.layers.9.extra.weight"}
     assert not info["mismatched_keys"] and not info["error_msgs"]

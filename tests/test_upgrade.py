@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import hf_relformer
 from hf_relformer import RelformerForCausalLM
+from hf_relformer.checkpoint import MODEL_CODE
 from hf_relformer.configuration_relformer import CODE_VERSION_KEY, TESTED_TRANSFORMERS
 from hf_relformer.conversion import upgrade as upgrade_module
 from hf_relformer.conversion.common import ConversionError
@@ -31,7 +32,6 @@ from helpers import REPO_ROOT, run_remote_code
 
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "relformer-9fd2905"
 PACKAGE = Path(hf_relformer.__file__).parent
-CODE = ("configuration_relformer.py", "modeling_relformer.py", "positions_relformer.py")
 ON_524 = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 24)
 
 
@@ -75,12 +75,12 @@ def test_upgrade_replaces_the_code_and_nothing_else_then_loads_and_generates_wit
     assert code == 0, err
     assert "modeling_relformer.py: replaced" in out and "configuration_relformer.py: replaced" in out
     assert f"{CODE_VERSION_KEY} (none" in out and "cached generation equals uncached" in out
-    for name in CODE:
+    for name in MODEL_CODE:
         assert (folder / name).read_bytes() == (PACKAGE / name).read_bytes(), name
     after = digests(folder)
     for name in ("model.safetensors", "generation_config.json", "tokenizer.json", "README.md"):
         assert after[name] == before[name], f"{name} changed"
-    assert set(after) == set(before)
+    assert set(after) == set(before) | set(MODEL_CODE)  # files the code gained since are added
     new_config = json.loads((folder / "config.json").read_text())
     assert new_config == {**old_config, CODE_VERSION_KEY: hf_relformer.__version__}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary sibling left
@@ -247,7 +247,11 @@ def test_repo_upgrade_fetches_config_and_code_only_and_pushes_one_commit(hub_ser
     assert repo_id == "relformer-org/old-relformer" and kwargs["parent_commit"] == sha
     assert kwargs["commit_message"] == "upgrade code"
     sent = {op.path_in_repo: op.path_or_fileobj for op in operations}
-    changed = {name for name in CODE if (FIXTURE / name).read_bytes() != (PACKAGE / name).read_bytes()}
+    changed = {
+        name
+        for name in MODEL_CODE
+        if not (FIXTURE / name).is_file() or (FIXTURE / name).read_bytes() != (PACKAGE / name).read_bytes()
+    }
     assert "modeling_relformer.py" in changed
     assert set(sent) == {"config.json", *changed}
     # The same files as the folder upgrade writes.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
+from hf_relformer.checkpoint import checkpoint_problems
 from hf_relformer.commands import run_command
-from hf_relformer.modeling_relformer import checkpoint_problems
 from hf_relformer.saving import write_atomically
 
 from ..conversion.common import (

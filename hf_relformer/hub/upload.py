@@ -26,8 +26,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
+from hf_relformer.checkpoint import MODEL_CODE, checkpoint_problems
 from hf_relformer.commands import run_command
-from hf_relformer.modeling_relformer import checkpoint_problems
 
 from ..conversion.common import (
     PICKLE_SUFFIXES,
@@ -41,7 +41,6 @@ from ..conversion.common import (
 )
 from .card import CardError, write_card
 
-MODEL_CODE = ("configuration_relformer.py", "modeling_relformer.py", "positions_relformer.py")
 RETRIES, BACKOFF_SECONDS = 4, 2.0
 
 # Loads the folder with trust_remote_code=True in a process where hf_relformer cannot be imported.
