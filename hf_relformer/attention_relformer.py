@@ -346,9 +346,18 @@ def check_flex_can_run(module: nn.Module, query, key, value, dropout: float) -> 
         )
 
 
-# transformers' registry, with Relformer's functions under the names of the backends they implement (a local
-# override: other models keep transformers' own). The attention module looks its backend up here.
+# Relformer's backends, by the names transformers gives them, in order of preference for a config that cannot run the
+# first choice of transformers (SDPA). Each is registered in a local copy of transformers' registry (other models keep
+# transformers' own functions); the attention layer looks its backend up there.
+BACKENDS: dict[str, Callable] = {"eager": eager_attention, "sdpa": sdpa_attention, FLEX_ATTENTION: flex_attention}
+# The backends that can add a values term to the output (they have the probabilities, or the log-sum-exp).
+VALUES_TERM_BACKENDS = ("eager", FLEX_ATTENTION)
+
 ALL_ATTENTION_FUNCTIONS = AttentionInterface()
-ALL_ATTENTION_FUNCTIONS["eager"] = eager_attention
-ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_attention
-ALL_ATTENTION_FUNCTIONS[FLEX_ATTENTION] = flex_attention
+for _name, _function in BACKENDS.items():
+    ALL_ATTENTION_FUNCTIONS[_name] = _function
+
+
+def backends(values_term: bool = False) -> tuple[str, ...]:
+    """The names of Relformer's backends; with `values_term`, of those that can add a values term."""
+    return tuple(name for name in BACKENDS if not values_term or name in VALUES_TERM_BACKENDS)

@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention_relformer import ALL_ATTENTION_FUNCTIONS, AttentionMask, eager_attention
+from .attention_relformer import ALL_ATTENTION_FUNCTIONS, FLEX_ATTENTION, AttentionMask, backends, eager_attention
 from .configuration_relformer import RelformerConfig
 from .inputs_relformer import check_attention_mask, check_labels, check_token_inputs
 from .loading_relformer import load_checked
@@ -291,9 +291,10 @@ class RelformerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["RelformerLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]  # either name (see CACHE_NAME)
-    _supports_sdpa = True
-    _supports_flash_attn = False  # flash attention cannot add the relative position bias
-    _supports_flex_attn = True  # every scheme: position terms as score_mods (see "Flex attention")
+    # what the attention engine implements (flash attention cannot add a position bias: not among them)
+    _supports_sdpa = "sdpa" in backends()
+    _supports_flash_attn = any(name.startswith("flash_attention") for name in backends())
+    _supports_flex_attn = FLEX_ATTENTION in backends()
     _supports_attention_backend = False
     _can_compile_fullgraph = True  # tested: compiled static-cache decoding == eager
     _can_record_outputs = {
@@ -317,13 +318,13 @@ class RelformerPreTrainedModel(PreTrainedModel):
     def _check_and_adjust_attn_implementation(
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
     ) -> str:
-        """Relformer runs the backends its position scheme supports (eager and SDPA, or eager alone where the scheme
-        needs the attention probabilities, e.g. relative values); such a config runs eager attention by itself.
-        Any other backend is refused with the ones this config can use."""
+        """Relformer runs the backends of its attention engine that its position scheme supports (all, or those that
+        can add a values term, e.g. for relative values: such a config runs the first, eager, by itself). Any other
+        backend is refused with the ones this config can use."""
         config = self.config
         scheme = config.position_scheme
         supported = scheme.backends(config)
-        restricted = "sdpa" not in supported  # a scheme option that needs more than SDPA can give (relative values)
+        restricted = supported != backends()  # an option that needs more than every backend gives (relative values)
         if isinstance(attn_implementation, str) and attn_implementation not in supported:
             if restricted:
                 raise ValueError(f"attn_implementation={attn_implementation!r} {scheme.backend_reason(config)}")

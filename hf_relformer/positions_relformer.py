@@ -29,7 +29,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-from .attention_relformer import PositionTerms
+from .attention_relformer import PositionTerms, backends
 
 
 class NoStackPositions(nn.Module):
@@ -552,9 +552,9 @@ class PositionScheme:
         """Raise `ValueError` naming the field for a config this scheme cannot be built with."""
 
     def backends(self, config) -> tuple[str, ...]:
-        """The attention implementations this scheme can run with this config (without "sdpa", the first is the
-        default; with it, transformers picks as for its own models)."""
-        return ("eager", "sdpa", "flex_attention")
+        """The attention implementations this scheme can run with this config (the attention engine's; when some are
+        missing, the first is the default)."""
+        return backends()
 
     def backend_reason(self, config) -> str:
         """Why a backend missing from `backends` is missing (for the error message)."""
@@ -613,14 +613,13 @@ class RelativeScheme(PositionScheme):
             raise ValueError("relative_attention_key_query=True needs num_key_value_heads == num_attention_heads.")
 
     def backends(self, config) -> tuple[str, ...]:
-        if config.relative_attention_values:
-            return ("eager", "flex_attention")
-        return super().backends(config)
+        return backends(values_term=config.relative_attention_values)
 
     def backend_reason(self, config) -> str:
         return (
             "cannot compute the relative values term (relative_attention_values=True needs the attention "
-            "probabilities): use 'eager' or 'flex_attention', or set relative_attention_values=False."
+            f"probabilities or their log-sum-exp): use {' or '.join(map(repr, self.backends(config)))}, or set "
+            "relative_attention_values=False."
         )
 
     def init_weights(self, module: nn.Module, std: float) -> None:
