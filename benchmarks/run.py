@@ -324,9 +324,9 @@ def column_major(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def p4l_weight_layout(settings: dict) -> list[Row]:
-    """Whether the stored (row-major) weight layout costs decoding or training time against the column-major one
-    (the CPU decode layout of 0.2.1, dropped for its traps): at most 5% is the bar below which it is not worth a
-    layout that changes the model."""
+    """What the stored (row-major) weight layout costs or saves, in decoding and in training time, against the
+    column-major one (the CPU decode layout of 0.2.1, dropped for its traps: README, Performance). `<= 1.0`: the
+    stored layout is no slower."""
     shape, new_tokens, repeats = settings["shape"], settings["new_tokens"], settings["generate_repeats"]
     stored, column = relformer_lm(shape, "relative"), column_major(relformer_lm(shape, "relative"))
     rows = []
@@ -336,12 +336,12 @@ def p4l_weight_layout(settings: dict) -> list[Row]:
             greedy(stored, prompt, new_tokens), greedy(column, prompt, new_tokens), repeats
         )
         what = f"greedy generate() time, stored vs column-major weights, relative, batch {batch}, {new_tokens} new"
-        rows.append(make_row("P4L", what, t_stored, t_column, "s", "<= 1.05"))
+        rows.append(make_row("P4L", what, t_stored, t_column, "s", "<= 1.0"))
     ids = token_ids(settings["train_batch"], settings["train_length"], shape["vocab_size"])
     stored.train(), column.train()
     t_stored, t_column = median_times(forward_backward(stored, ids), forward_backward(column, ids), repeats)
     what = f"fwd+bwd, stored vs column-major weights, relative, L={settings['train_length']}"
-    rows.append(make_row("P4L", what, t_stored, t_column, "s", "<= 1.05"))
+    rows.append(make_row("P4L", what, t_stored, t_column, "s", "<= 1.0"))
     return rows
 
 

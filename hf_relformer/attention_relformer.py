@@ -346,14 +346,42 @@ def check_flex_can_run(module: nn.Module, query, key, value, dropout: float) -> 
         )
 
 
+def registered_function(function: Callable) -> Callable:
+    """An attention function registered in transformers' registry by someone else (a serving engine's: vLLM and
+    SGLang register theirs), called as transformers calls it: the mask as transformers' bool mask `[B or 1, 1, Lq, Lk]`
+    (True = attend), or None when only causal masking is needed, which such a function does itself (it reads
+    `module.is_causal`). It takes q, k and v alone: a scheme with position terms is refused before it gets here."""
+
+    @functools.wraps(function)
+    def attend(module, query, key, value, attention_mask: AttentionMask, scaling: float, dropout: float = 0.0,
+               position: PositionTerms | None = None, **kwargs):  # fmt: skip
+        if position is not None:
+            raise ValueError(f"{function.__name__} takes q, k and v alone: it cannot add a position term.")
+        (query_length, key_length), device = (query.shape[2], key.shape[2]), query.device
+        only_causal = attention_mask.is_plain_causal(0, query_length, key_length)
+        mask = None if only_causal else attention_mask.allowed(0, query_length, key_length, device)
+        return function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    return attend
+
+
+class RelformerAttentionInterface(AttentionInterface):
+    """transformers' registry (`AttentionInterface`), with Relformer's own functions under the names of the backends
+    they implement (a local override: other models keep transformers' own), and every other registered function
+    reached through `registered_function`. The attention layer looks its backend up here."""
+
+    def get_interface(self, attn_implementation: str, default: Callable) -> Callable:
+        function = super().get_interface(attn_implementation, default)
+        return function if attn_implementation in BACKENDS else registered_function(function)
+
+
 # Relformer's backends, by the names transformers gives them, in order of preference for a config that cannot run the
-# first choice of transformers (SDPA). Each is registered in a local copy of transformers' registry (other models keep
-# transformers' own functions); the attention layer looks its backend up there.
+# first choice of transformers (SDPA).
 BACKENDS: dict[str, Callable] = {"eager": eager_attention, "sdpa": sdpa_attention, FLEX_ATTENTION: flex_attention}
 # The backends that can add a values term to the output (they have the probabilities, or the log-sum-exp).
 VALUES_TERM_BACKENDS = ("eager", FLEX_ATTENTION)
 
-ALL_ATTENTION_FUNCTIONS = AttentionInterface()
+ALL_ATTENTION_FUNCTIONS = RelformerAttentionInterface()
 for _name, _function in BACKENDS.items():
     ALL_ATTENTION_FUNCTIONS[_name] = _function
 
@@ -361,3 +389,42 @@ for _name, _function in BACKENDS.items():
 def backends(values_term: bool = False) -> tuple[str, ...]:
     """The names of Relformer's backends; with `values_term`, of those that can add a values term."""
     return tuple(name for name in BACKENDS if not values_term or name in VALUES_TERM_BACKENDS)
+
+
+def is_registered_elsewhere(attn_implementation: str) -> bool:
+    """Whether a name is a function registered in transformers' registry by someone else (a serving engine): neither
+    one of Relformer's backends nor one of transformers' own kernels (flash and paged attention, which need hardware
+    and flags of their own and are not run by Relformer)."""
+    own = attn_implementation in BACKENDS or attn_implementation.startswith(("flash_attention", "paged|"))
+    return not own and attn_implementation in AttentionInterface()  # the global registry
+
+
+def checked_backend(attn_implementation: str | dict | None, config) -> str | dict | None:
+    """The backend a config asks for, checked: one of Relformer's that its position scheme supports (all, or those
+    that can add a values term, e.g. for relative values: such a config runs the first, eager, by itself), or, for a
+    scheme without position terms in attention, any other function registered in transformers' registry (a serving
+    engine's). Anything else raises `ValueError`, in transformers' words, then with the ones this config can use.
+    None (no choice) stays None where transformers' default (SDPA) can run."""
+    scheme = config.position_scheme
+    supported = scheme.backends(config)
+    restricted = supported != backends()  # an option that needs more than every backend gives (relative values)
+    if attn_implementation is None and restricted:
+        return supported[0]
+    if not isinstance(attn_implementation, str) or attn_implementation in supported:  # None, or per sub-config
+        return attn_implementation
+    refused = f'Specified `attn_implementation="{attn_implementation}"` is not supported.'
+    runs = " or ".join(map(repr, supported))
+    if is_registered_elsewhere(attn_implementation) and not scheme.runs_registered_functions(config):
+        raise ValueError(
+            f"{refused} position_embedding_type={config.position_embedding_type!r} adds position terms to attention, "
+            f"which {attn_implementation!r} (a function that takes q, k and v alone, as a serving engine's) would "
+            f"drop: the model would return wrong outputs. This config runs with {runs}."
+        )
+    if restricted:
+        raise ValueError(f"{refused} attn_implementation={attn_implementation!r} {scheme.backend_reason(config)}")
+    if not is_registered_elsewhere(attn_implementation):
+        raise ValueError(
+            f"{refused} Relformer runs this config (position_embedding_type={config.position_embedding_type!r}) "
+            f"with {runs}."
+        )
+    return attn_implementation

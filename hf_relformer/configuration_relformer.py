@@ -80,6 +80,10 @@ KNOWN_EXTRA_KEYS = (
     "task_specific_params",
     "finetuning_task",
     "use_return_dict",
+    # written into config.json by transformers itself when a model is quantized, offloaded or distributed
+    "quantization_config",
+    "fusion_config",
+    "distributed_config",
     CODE_VERSION_KEY,  # the version of the code the checkpoint shipped when it was saved
 )
 

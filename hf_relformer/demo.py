@@ -19,6 +19,7 @@ from the same init seed, with dropout 0.
    sequence at the first wrongly predicted symbol. Per-symbol accuracy is that forward's (teacher forcing).
 """
 
+import importlib.resources
 import io
 import json
 import math
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -40,9 +42,13 @@ from .hub.model_card import model_card as render_model_card
 from .modeling_relformer import RelformerForCausalLM
 from .positions_relformer import POSITION_SCHEMES, LearnedPositions, scheme_variants, with_horizon
 from .saving import ExtraFiles, Subfolder, save_pretrained_atomically
+
+if TYPE_CHECKING:  # Python 3.11+ (3.10: importlib.abc)
+    from importlib.resources.abc import Traversable
 from .saving import output_problem as _folder_problem
 
-TEXTS = Path(__file__).resolve().parents[1] / "examples" / "data" / "shakespeare"
+# the plays, package data of hf_relformer (found in a source checkout and in an installed wheel alike)
+TEXTS = importlib.resources.files("hf_relformer") / "data" / "shakespeare"
 
 
 # scheme name -> config overrides: every scheme of the registry and its featured variants (relative values)
@@ -133,10 +139,14 @@ class Corpus:
     vocab_size: int
 
     @classmethod
-    def load(cls, train_file: Path = TEXTS / "hamlet.txt", eval_file: Path = TEXTS / "macbeth.txt") -> "Corpus":
+    def load(
+        cls,
+        train_file: "Path | Traversable" = TEXTS / "hamlet.txt",
+        eval_file: "Path | Traversable" = TEXTS / "macbeth.txt",
+    ) -> "Corpus":
         missing = [str(path) for path in (train_file, eval_file) if not path.is_file()]
         if missing:
-            raise OSError(f"the demo's text is missing: {', '.join(missing)} (install from a source checkout)")
+            raise OSError(f"the demo's text is missing: {', '.join(missing)} (the installed package is incomplete)")
         train_text, eval_text = train_file.read_text(encoding="utf-8"), eval_file.read_text(encoding="utf-8")
         ids = {char: index + 2 for index, char in enumerate(sorted(set(train_text)))}
         encode_text = lambda text: torch.tensor([ids.get(char, 0) for char in text])  # noqa: E731

@@ -16,6 +16,11 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+class CheckpointFitError(ValueError, RuntimeError):
+    """A checkpoint's tensors do not fit the model its config describes. A `RuntimeError` as transformers raises for
+    misshapen tensors, and a `ValueError` as Relformer raised before."""
+
+
 def load_checked(load: Callable, pretrained_model_name_or_path, *model_args, **kwargs) -> tuple[nn.Module, dict | None]:
     """transformers' `from_pretrained` (`load`), with errors that name the checkpoint and the problem: no
     config.json, a damaged weight file, a pickle that would run code, and tensors that do not fit config.json (other
@@ -68,7 +73,7 @@ def load_checked(load: Callable, pretrained_model_name_or_path, *model_args, **k
             f"(ignore_mismatched_sizes=True): {', '.join(sorted(shown))}. Train them before use."
         )
     if problems:
-        raise ValueError(
+        raise CheckpointFitError(
             f"The tensors of the {where} do not fit its config.json (an incomplete weight file, or a config "
             f"edited or copied from another checkpoint): {'; '.join(problems)}."
         )

@@ -9,6 +9,7 @@ sibling files through single-dot relative imports.
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -33,7 +34,14 @@ from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention_relformer import ALL_ATTENTION_FUNCTIONS, FLEX_ATTENTION, AttentionMask, backends, eager_attention
+from .attention_relformer import (
+    ALL_ATTENTION_FUNCTIONS,
+    FLEX_ATTENTION,
+    AttentionMask,
+    backends,
+    checked_backend,
+    eager_attention,
+)
 from .configuration_relformer import RelformerConfig
 from .inputs_relformer import check_attention_mask, check_labels, check_token_inputs
 from .loading_relformer import load_checked
@@ -42,8 +50,9 @@ from .positions_relformer import NoAttentionPositions, attention_scaling
 # ---------------------------------------------------------------------------------------------------------------
 # The key/value cache's name. transformers 5.24 renamed it from `past_key_values` to `cache`: `generate()` passes
 # `cache=...` and reads `outputs.cache` (5.23: `past_key_values`). Every forward here takes `cache` and also accepts
-# `past_key_values`, silently, on every version (`takes_either_cache_name`); outputs carry the cache in the
-# installed version's field (`with_cache`, `cache_of`). This section is the only code that knows both names.
+# `past_key_values` (`takes_either_cache_name`): silently on 5.23, with the deprecation warning of transformers' own
+# models from 5.24 on; outputs carry the cache in the installed version's field (`with_cache`, `cache_of`). This
+# section is the only code that knows both names.
 # ---------------------------------------------------------------------------------------------------------------
 
 CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -52,11 +61,19 @@ LEGACY_CACHE_NAME = "past_key_values"
 
 def takes_either_cache_name(forward: Callable) -> Callable:
     """Decorates a `forward(..., cache=None, ...)` so that callers may pass the cache as `past_key_values` too (its
-    name before transformers 5.24, still used by code written for it), without a deprecation warning."""
+    name before transformers 5.24, still used by code written for it). Where the installed transformers renamed it,
+    that name gets the FutureWarning its own models give (GPT-2's `deprecate_kwarg`), in their words."""
 
     @functools.wraps(forward)
     def forward_taking_either_name(self, *args, **kwargs):
         if LEGACY_CACHE_NAME in kwargs:
+            if CACHE_NAME != LEGACY_CACHE_NAME and not torch.compiler.is_compiling():
+                warnings.warn(
+                    f"`{LEGACY_CACHE_NAME}` is deprecated for `{type(self).__name__}.{forward.__name__}` (transformers "
+                    f"5.24 renamed it). Use `{CACHE_NAME}` instead.",
+                    FutureWarning,
+                    stacklevel=2,
+                )
             legacy = kwargs.pop(LEGACY_CACHE_NAME)
             given = kwargs.get("cache")
             if legacy is not None and given is not None and given is not legacy:
@@ -295,7 +312,7 @@ class RelformerPreTrainedModel(PreTrainedModel):
     _supports_sdpa = "sdpa" in backends()
     _supports_flash_attn = any(name.startswith("flash_attention") for name in backends())
     _supports_flex_attn = FLEX_ATTENTION in backends()
-    _supports_attention_backend = False
+    _supports_attention_backend = True  # any registered function runs the schemes without attention terms
     _can_compile_fullgraph = True  # tested: compiled static-cache decoding == eager
     _can_record_outputs = {
         "hidden_states": RelformerLayer,
@@ -318,23 +335,8 @@ class RelformerPreTrainedModel(PreTrainedModel):
     def _check_and_adjust_attn_implementation(
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
     ) -> str:
-        """Relformer runs the backends of its attention engine that its position scheme supports (all, or those that
-        can add a values term, e.g. for relative values: such a config runs the first, eager, by itself). Any other
-        backend is refused with the ones this config can use."""
-        config = self.config
-        scheme = config.position_scheme
-        supported = scheme.backends(config)
-        restricted = supported != backends()  # an option that needs more than every backend gives (relative values)
-        if isinstance(attn_implementation, str) and attn_implementation not in supported:
-            if restricted:
-                raise ValueError(f"attn_implementation={attn_implementation!r} {scheme.backend_reason(config)}")
-            raise ValueError(
-                f"attn_implementation={attn_implementation!r} is not supported by Relformer (yet); this config "
-                f"(position_embedding_type={config.position_embedding_type!r}) runs "
-                f"{' or '.join(map(repr, supported))}."
-            )
-        if attn_implementation is None and restricted:
-            attn_implementation = supported[0]  # chosen by itself, not transformers' default (SDPA)
+        """transformers' choice, of the backends this config can run (`attention_relformer.checked_backend`)."""
+        attn_implementation = checked_backend(attn_implementation, self.config)
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs):
@@ -508,6 +510,13 @@ class RelformerModel(RelformerPreTrainedModel):
             cls = RelformerEncoderDecoderModel if config.is_encoder_decoder else RelformerSingleStackModel
         return super().__new__(cls)
 
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
+        """The forward of the form's class (`RelformerModel(config)` always builds one), which overrides this one; here
+        for the signature transformers reads off the class (the main input first)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} is built through RelformerModel(config), which picks its form."
+        )
+
     def save_pretrained(self, *args, **kwargs) -> None:
         """transformers' `save_pretrained` (which writes `type(self).__name__` into config.architectures and
         auto_map), run while this model is a `RelformerModel`: every form saves under the registered name."""
@@ -548,7 +557,8 @@ class RelformerSingleStackModel(RelformerModel, RelformerStack):
         seq2seq_inputs = (decoder_input_ids, decoder_attention_mask, decoder_inputs_embeds, encoder_outputs)
         if any(value is not None for value in seq2seq_inputs):
             raise ValueError("decoder_* inputs and encoder_outputs need an encoder-decoder config.")
-        return super().forward(
+        return RelformerStack.forward(  # not RelformerModel's: the stack's, next in the method order
+            self,
             return_dict=True,  # a dict inside; can_return_tuple applies the caller's choice
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -187,32 +187,36 @@ class DistanceGrid:
     bucket index, or the bias itself), by blocks of query rows.
 
     Queries sit at `past_length + arange(query_length)`, keys at `arange(key_length)`; `transform` maps the
-    `[rows, keys]` distances to the scheme's `[rows, keys]` index or `[H, rows, keys]` bias. The whole grid is built
-    once per forward when it is small (`WHOLE_LIMIT` query-key pairs) and sliced by every layer; beyond that, each
-    block is built when a layer needs it, so a long input never holds an `[L, L]` grid.
+    `[rows, keys]` distances to the scheme's `[rows, keys]` index or `[H, rows, keys]` bias, without gradients: it is
+    shared by every layer. The whole grid is built once per forward when it is small (`WHOLE_LIMIT` query-key pairs)
+    and sliced by every layer; beyond that, each block is built when a layer needs it, so a long input never holds an
+    `[L, L]` grid. A learned lookup (`lookup`: index -> `[H, ..., keys]` bias, e.g. T5's table) runs at every read,
+    inside the layer that reads it: activation checkpointing recomputes it with the layer, and no graph is shared
+    between layers (a shared one is freed by the first layer's recomputation under reentrant checkpointing).
     """
 
     WHOLE_LIMIT = 2**18
 
-    def __init__(self, query_length, past_length, key_length, transform: Callable, device):
+    def __init__(self, query_length, past_length, key_length, transform: Callable, device, lookup=None):
         self.query_length, self.past_length, self.key_length = query_length, past_length, key_length
-        self.transform, self.device = transform, device
+        self.transform, self.lookup, self.device = transform, lookup, device
         self._line = None
         self.whole = self._build(0, query_length, key_length) if query_length * key_length <= self.WHOLE_LIMIT else None
 
     def block(self, start: int, stop: int, key_stop: int) -> torch.Tensor:
         """`[..., stop - start, key_stop]`: queries start..stop-1 of this forward against keys 0..key_stop-1."""
-        if self.whole is not None:
-            return self.whole[..., start:stop, :key_stop]
-        return self._build(start, stop, key_stop)
+        index = self.whole[..., start:stop, :key_stop] if self.whole is not None else self._build(start, stop, key_stop)
+        return index if self.lookup is None else self.lookup(index)
 
     def line(self) -> torch.Tensor:
         """The transform of every distance a query-key pair of this forward can have, `-(Lk - 1) .. Lk - 1`, as one row
         (`[1, 2·Lk - 1]` index or `[H, 1, 2·Lk - 1]` bias), built once per forward: what flex attention's score_mods
         read instead of an `[Lq, Lk]` grid. `line_index` finds a pair's entry."""
         if self._line is None:
-            self._line = self.transform(torch.arange(1 - self.key_length, self.key_length, device=self.device)[None])
-        return self._line
+            distances = torch.arange(1 - self.key_length, self.key_length, device=self.device)[None]
+            with torch.no_grad():
+                self._line = self.transform(distances)
+        return self._line if self.lookup is None else self.lookup(self._line)
 
     def line_index(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         """The entry of `line()` for query `q_idx` (counted in this forward) and key `kv_idx`: their distance
@@ -222,7 +226,8 @@ class DistanceGrid:
     def _build(self, start: int, stop: int, key_stop: int) -> torch.Tensor:
         query_positions = torch.arange(start, stop, device=self.device) + self.past_length
         key_positions = torch.arange(key_stop, device=self.device)
-        return self.transform(key_positions[None, :] - query_positions[:, None])
+        with torch.no_grad():
+            return self.transform(key_positions[None, :] - query_positions[:, None])
 
 
 BucketIndex = DistanceGrid  # its name before the grid served every bias scheme
@@ -230,7 +235,10 @@ BucketIndex = DistanceGrid  # its name before the grid served every bias scheme
 
 class DistanceGridPositions(nn.Module):
     """The stack part of a bias scheme: a `DistanceGrid` shared by every layer of this forward, built from
-    `self.transform` (distances `[rows, keys]` -> the scheme's index or bias)."""
+    `self.transform` (distances `[rows, keys]` -> the scheme's index or bias, without gradients) and, for a learned
+    table, `self.lookup` (index -> bias, read in each layer)."""
+
+    lookup = None
 
     def __init__(self, config, causal: bool):
         super().__init__()
@@ -238,7 +246,7 @@ class DistanceGridPositions(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, past_length, key_length):
         query_length, device = inputs_embeds.shape[1], inputs_embeds.device
-        return inputs_embeds, DistanceGrid(query_length, past_length, key_length, self.transform, device)
+        return inputs_embeds, DistanceGrid(query_length, past_length, key_length, self.transform, device, self.lookup)
 
     def transform(self, distance: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -481,8 +489,9 @@ def t5_relative_position_bucket(
 
 class T5Buckets(DistanceGridPositions):
     """The stack part of T5's bias: one learned scalar per head and bucket (`relative_attention_bias`,
-    `[num_buckets, H]`), looked up once per forward for the whole stack and shared by its layers, as T5 computes it
-    in its first layer and passes it on. Bidirectional buckets in an encoder, unidirectional in a decoder."""
+    `[num_buckets, H]`), the same for every layer of the stack, as T5 computes it in its first layer and passes it
+    on; the bucket index is built once per forward, the table read in each layer (see `DistanceGrid`).
+    Bidirectional buckets in an encoder, unidirectional in a decoder."""
 
     def __init__(self, config, causal: bool):
         super().__init__(config, causal)
@@ -491,8 +500,11 @@ class T5Buckets(DistanceGridPositions):
         self.relative_attention_bias = nn.Embedding(self.num_buckets, config.num_attention_heads)
 
     def transform(self, distance: torch.Tensor) -> torch.Tensor:
-        buckets = t5_relative_position_bucket(distance, not self.causal, self.num_buckets, self.max_distance)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1)  # [H, rows, keys]
+        return t5_relative_position_bucket(distance, not self.causal, self.num_buckets, self.max_distance)
+
+    def lookup(self, buckets: torch.Tensor) -> torch.Tensor:
+        """Bucket index `[rows, keys]` -> bias `[H, rows, keys]`."""
+        return self.relative_attention_bias(buckets).permute(2, 0, 1)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -559,6 +571,12 @@ class PositionScheme:
     def backend_reason(self, config) -> str:
         """Why a backend missing from `backends` is missing (for the error message)."""
         return ""
+
+    def runs_registered_functions(self, config) -> bool:
+        """Whether any attention function registered in transformers' registry (one that takes q, k and v alone, as a
+        serving engine's) runs this scheme: yes when its positions act on the embeddings or on q and k, no when it adds
+        position terms to attention."""
+        return self.attention_part.terms is None
 
     def init_weights(self, module: nn.Module, std: float) -> None:
         """Initialise this scheme's tensors in `module` (called for every module of the model)."""

@@ -41,6 +41,7 @@ from transformers import (
 from hf_relformer import cli as relformer_cli
 from hf_relformer import saving
 from hf_relformer.conversion import cli as convert_cli
+from hf_relformer.demo import TEXTS
 from hf_relformer.hub import card as card_module
 from hf_relformer.hub import upload as upload_module
 from hf_relformer.hub.upload import validate_folder
@@ -436,6 +437,24 @@ def test_the_wheel_installs_only_hf_relformer(tmp_path):
     assert {name.split("/")[0] for name in names if ".dist-info/" not in name} == {"hf_relformer"}
     for module in ("conversion/api.py", "conversion/gpt2.py", "hub/card.py", "hub/upload.py", "commands.py"):
         assert f"hf_relformer/{module}" in names
+    for play in ("hamlet.txt", "macbeth.txt"):  # the demo's text is package data
+        assert f"hf_relformer/data/shakespeare/{play}" in names
+    # the installed package (the wheel unpacked, first on the path) finds it from another directory
+    installed = tmp_path / "installed"
+    zipfile.ZipFile(wheel).extractall(installed)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = (
+        "import hf_relformer, sys; from hf_relformer.demo import Corpus; corpus = Corpus.load(); "
+        "print(hf_relformer.__file__); print(len(corpus.train), len(corpus.held_out))"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=elsewhere,
+                         env={**os.environ, "PYTHONPATH": str(installed)})  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    where, sizes = run.stdout.strip().splitlines()[-2:]
+    assert where.startswith(str(installed)), where
+    plays = [(TEXTS / play).read_text(encoding="utf-8") for play in ("hamlet.txt", "macbeth.txt")]
+    assert [int(size) for size in sizes.split()] == [len(text) for text in plays]
 
 
 def test_no_pickle_based_loading_in_the_code():

@@ -10,10 +10,11 @@ the returned beams. Also: the cache is taken under either name (`cache`, and `pa
 import dataclasses
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, EncoderDecoderCache, LlamaConfig, LlamaForCausalLM
 
 from hf_relformer.modeling_relformer import CACHE_NAME, cache_of
 
@@ -117,6 +118,28 @@ def test_forward_takes_the_cache_under_either_name(form, name):
         first = forward(ids[:, :3])
         rest = forward(ids[:, 3:], **{name: cache_of(first)}).logits
     torch.testing.assert_close(torch.cat([first.logits, rest], dim=1), full, **TOLERANCE)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_old_cache_name_warns_as_transformers_own_models_do(form):
+    """transformers' own models warn that `past_key_values` is deprecated from 5.24 on (and take it silently on 5.23);
+    ours the same, in their words (transformers' model tests check them)."""
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
+    model, ids = FORMS[form]("relative"), torch.tensor([PROMPTS[0]])
+    inputs = {"decoder_input_ids": ids} if form == "encoder-decoder" else {}
+
+    def warnings_of(call) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        return [str(warning.message) for warning in caught if issubclass(warning.category, FutureWarning)]
+
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if inputs else DynamicCache()
+    theirs = warnings_of(lambda: llama(ids, past_key_values=DynamicCache(), use_cache=True))
+    ours = warnings_of(lambda: model(ids, past_key_values=cache, use_cache=True, **inputs))
+    assert bool(theirs) == bool(ours) == (CACHE_NAME == "cache"), (theirs, ours)
+    assert all("`past_key_values` is deprecated" in message for message in ours)
 
 
 def test_both_cache_names_at_once_are_refused():

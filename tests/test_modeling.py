@@ -115,18 +115,26 @@ def test_inputs_embeds_equal_input_ids():
         torch.testing.assert_close(model(inputs_embeds=embeds).logits, model(IDS).logits)
 
 
-@pytest.mark.parametrize("scheme", ["relative_values_per_head", "rotary"])
-def test_activation_checkpointing_gives_the_same_gradients(scheme):
+# Reentrant checkpointing runs the forward without gradients, where SDPA picks another kernel (measured on t5 with
+# large weights: 9e-5 on gradients of size 3; 1.7e-6 with eager attention, which has one kernel).
+CHECKPOINTED_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_activation_checkpointing_gives_the_same_gradients(scheme, reentrant):
+    """Every scheme trains under both kinds of activation checkpointing with the gradients of training without it
+    (T5's table, shared by the layers, broke under reentrant checkpointing in 0.2.1)."""
     grads = []
     for checkpointing in (False, True):
         model = tiny_lm(scheme, hidden_dropout=0.0).train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
         model(IDS, labels=IDS).loss.backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name, **CHECKPOINTED_TOLERANCE)
 
 
 class LargestTensor(TorchDispatchMode):

@@ -1,9 +1,13 @@
 """What a transformers user expects of any model, as transformers' own common model tests check it: resizing the
 vocabulary, mismatched head shapes on loading, `return_dict=False`, and clear errors for unsupported backends."""
 
+import inspect
+
 import pytest
 import torch
+from transformers import AttentionInterface, AutoModel
 from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
 
 from hf_relformer import (
     RelformerForCausalLM,
@@ -266,3 +270,96 @@ def test_compiled_static_cache_decoding_equals_eager(scheme):
     compiled = model.generate(ids, **generate)
     assert compiled.sequences.tolist() == eager.sequences.tolist()
     torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), atol=1e-4, rtol=1e-4)
+
+
+# 9. what transformers' own model tests (5.25) check -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", sorted({head for head, _ in HEADS}, key=lambda head: head.__name__))
+def test_every_forward_starts_with_the_main_input(head):
+    """transformers reads the main input off the class's forward (`test_model_main_input_name`), RelformerModel's
+    too, although RelformerModel(config) builds the class of the config's form."""
+    assert list(inspect.signature(head.forward).parameters)[1] == head.main_input_name == "input_ids"
+
+
+@pytest.mark.parametrize("scheme", ["relative", "relative_values", "rotary"])
+def test_an_unknown_backend_is_refused_in_transformers_words_then_ours(scheme):
+    model = RelformerForCausalLM(tiny_config(**SCHEMES[scheme]))
+    with pytest.raises(ValueError, match=r'Specified `attn_implementation="foo"` is not supported\. .*\'eager\''):
+        model.set_attn_implementation("foo")
+    assert model.config._attn_implementation == ("eager" if "values" in scheme else "sdpa")  # unchanged
+
+
+@pytest.mark.parametrize(("head", "form"), [(RelformerForSequenceClassification, "encoder"),
+                                            (RelformerForSequenceClassification, "decoder-only")])  # fmt: skip
+def test_mismatched_shapes_raise_runtime_errors_or_reinitialise_with_transformers_report(head, form, tmp_path):
+    """transformers' `test_load_with_mismatched_shapes`: another num_labels, or another vocab_size given as config,
+    raise RuntimeError; with ignore_mismatched_sizes=True they load, in transformers' own loading report."""
+    build(head, form, num_labels=3).save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match=r"classifier\.weight"):
+        head.from_pretrained(tmp_path, num_labels=42)
+    small = tiny_config(**FORMS[form], num_labels=3, vocab_size=10)
+    with pytest.raises(RuntimeError, match="embed_tokens"):
+        AutoModel.from_pretrained(tmp_path, config=small)
+    report = transformers_logging.get_logger("transformers.modeling_utils")
+    with CaptureLogger(report) as captured:
+        model = head.from_pretrained(tmp_path, num_labels=42, ignore_mismatched_sizes=True)
+    assert "Reinit due to size mismatch" in captured.out
+    assert model(IDS, attention_mask=MASK).logits.shape == (2, 42)
+    with CaptureLogger(report) as captured:
+        bare = AutoModel.from_pretrained(tmp_path, config=small, ignore_mismatched_sizes=True)
+    assert "Reinit due to size mismatch" in captured.out
+    assert bare(IDS % 10).last_hidden_state.shape == (2, IDS.shape[1], small.hidden_size)
+
+
+def test_a_quantization_config_is_a_known_key(caplog, tmp_path):
+    """transformers writes `quantization_config` into a quantized model's config.json: loading it warns of nothing."""
+    config = tiny_config()
+    int8 = {"default": {"_type": "Int8WeightOnlyConfig"}}
+    config.quantization_config = {"quant_method": "torchao", "quant_type": int8}
+    config.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        loaded = type(config).from_pretrained(tmp_path)
+    assert "unknown field" not in caplog.text and loaded.quantization_config == config.quantization_config
+
+
+# 10. serving engines' attention functions ---------------------------------------------------------------------------
+
+
+def qkv_only(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """What vLLM's and SGLang's transformers backends register: q, k and v in, causal masking of its own (the mask
+    is not read), no bias; output `[B, Lq, H, D]`."""
+    causal = module.is_causal and query.shape[2] > 1
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    output = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scaling)
+    return output.transpose(1, 2), None
+
+
+@pytest.fixture
+def registered_qkv_only():
+    AttentionInterface.register("qkv_only", qkv_only)
+    yield "qkv_only"
+    del AttentionInterface._global_mapping["qkv_only"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_serving_engines_function_runs_the_schemes_that_act_on_q_k_or_embeddings(scheme, registered_qkv_only):
+    """Schemes without attention terms run through any registered function that takes q, k and v alone (cached
+    decoding included); schemes that add a term to the scores refuse it, saying why."""
+    model = redraw_weights(RelformerForCausalLM(tiny_config(**SCHEMES[scheme])))
+    if model.config.position_scheme.attention_part.terms is not None:
+        with pytest.raises(ValueError, match=f"{registered_qkv_only}.*would drop"):
+            model.set_attn_implementation(registered_qkv_only)
+        with pytest.raises(ValueError, match="adds position terms to attention"):
+            RelformerForCausalLM(tiny_config(**SCHEMES[scheme], attn_implementation=registered_qkv_only))
+        return
+    ids = IDS[:1]
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.set_attn_implementation(registered_qkv_only)
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True, pad_token_id=0)  # fmt: skip
+        uncached = model(out.sequences[:, :-1]).logits[:, ids.shape[1] - 1 :]
+    torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
