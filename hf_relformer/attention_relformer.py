@@ -234,8 +234,9 @@ def in_query_blocks(kernel: Callable) -> Callable:
             if position is not None and position.adds_values:
                 output = output + position.values(probabilities, start, stop, key_stop)
             outputs.append(output)
-            if probabilities is not None:
-                weights.append(nn.functional.pad(probabilities, (0, key_length - key_stop)))
+            if probabilities is not None:  # as they are where no keys are missing (retain_grad() reaches them)
+                missing = key_length - key_stop
+                weights.append(nn.functional.pad(probabilities, (0, missing)) if missing else probabilities)
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         probabilities = None
         if weights:

@@ -363,3 +363,15 @@ def test_a_serving_engines_function_runs_the_schemes_that_act_on_q_k_or_embeddin
                              output_logits=True, pad_token_id=0)  # fmt: skip
         uncached = model(out.sequences[:, :-1]).logits[:, ids.shape[1] - 1 :]
     torch.testing.assert_close(torch.stack(out.logits, 1), uncached, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["none", "relative"])
+def test_returned_attentions_are_the_ones_the_output_depends_on(scheme):
+    """`output_attentions=True` returns the probabilities the output was computed from, so that `retain_grad()` on
+    them gets a gradient (transformers' `test_retain_grad_hidden_states_attentions`)."""
+    model = RelformerForCausalLM._from_config(tiny_config(**SCHEMES[scheme]), attn_implementation="eager")
+    outputs = model(IDS, output_attentions=True, output_hidden_states=True)
+    attentions, hidden_states = outputs.attentions[0], outputs.hidden_states[0]
+    attentions.retain_grad(), hidden_states.retain_grad()
+    outputs.logits.flatten()[0].backward()
+    assert attentions.grad is not None and hidden_states.grad is not None
