@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from hf_relformer import __version__
-from hf_relformer.hub.model_card import conversion_card
+from hf_relformer.model_card import conversion_card
 from hf_relformer.saving import output_problem
 
 from . import bert, bloom, gpt2, llama, t5, torch_transformer

@@ -7,12 +7,13 @@ import math
 import textwrap
 from pathlib import Path
 
+from hf_relformer.checkpoint import CheckpointError
 from hf_relformer.commands import run_command
 from hf_relformer.positions_relformer import POSITION_SCHEMES
 from hf_relformer.saving import output_problem
 
 from .api import SOURCES, convert
-from .common import TOLERANCE, ConversionError, Options
+from .common import TOLERANCE, Options
 from .source import Flag
 
 OUTPUT_FILES = (
@@ -116,6 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             tolerance=args.tolerance,
             force=args.force,
         ),
-        (ConversionError,),
+        (CheckpointError,),  # ConversionError, and what reading a folder or file raises
         f"nothing was written ({args.output} is as it was).",
     )

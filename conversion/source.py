@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from hf_relformer import RelformerModel
+from hf_relformer.checkpoint import load_tokenizer
 
 from .common import (
     Conversion,
@@ -21,7 +22,6 @@ from .common import (
     SourceTensors,
     finish,
     load_pretrained,
-    load_tokenizer,
     pick_architecture,
     read_config,
     sample_inputs,

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from hf_relformer import RelformerModel
+from hf_relformer.checkpoint import read_json
 
-from .common import Conversion, ConversionError, Options, SourceTensors, finish, read_json, read_state_dict
+from .common import Conversion, ConversionError, Options, SourceTensors, finish, read_state_dict
 from .source import Flag, Source
 
 MODULES = ("Transformer", "TransformerEncoder")

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, pipeline
 
 from hf_relformer import RelformerConfig, RelformerForSequenceClassification
-from hf_relformer.hub.model_card import count_parameters_of, model_card
+from hf_relformer.model_card import count_parameters_of, model_card
 from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
 
 ROOT = Path(__file__).resolve().parents[1]

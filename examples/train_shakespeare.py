@@ -25,7 +25,7 @@ from finetune_bible import train_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, pipeline
 
 from hf_relformer import RelformerConfig, RelformerForCausalLM
-from hf_relformer.hub.model_card import count_parameters_of, model_card
+from hf_relformer.model_card import count_parameters_of, model_card
 from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
 
 DATA = importlib.resources.files("hf_relformer") / "data" / "shakespeare"  # package data of hf_relformer

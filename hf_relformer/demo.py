@@ -37,8 +37,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
 
 from .checks import check_cached_decoding
 from .configuration_relformer import RelformerConfig
-from .hub.model_card import count_parameters_of
-from .hub.model_card import model_card as render_model_card
+from .model_card import count_parameters_of
+from .model_card import model_card as render_model_card
 from .modeling_relformer import RelformerForCausalLM
 from .positions_relformer import POSITION_SCHEMES, LearnedPositions, scheme_variants, with_horizon
 from .saving import ExtraFiles, Subfolder, save_pretrained_atomically

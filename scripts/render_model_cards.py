@@ -1,5 +1,5 @@
 """Render the model cards of the project's reference runs into `model_cards/reference/`, from what the repository
-commits, with the one renderer (`hf_relformer.hub.model_card`) through the functions the runs themselves call.
+commits, with the one renderer (`hf_relformer.model_card`) through the functions the runs themselves call.
 
     python scripts/render_model_cards.py            # (re)write the cards
     python scripts/render_model_cards.py --check    # exit 1 if a committed card differs from what this renders

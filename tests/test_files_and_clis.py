@@ -774,3 +774,22 @@ def test_real_processes_exit_without_a_traceback(args, code, fragment, sources, 
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr and fragment in result.stderr.strip().splitlines()[-1], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_hub_tools_and_the_converters_never_import_each_other():
+    """Both build on hf_relformer.checkpoint (reading folders, the Hub-name rule, MODEL_CODE, the Auto class of each
+    form) and hf_relformer.model_card; neither imports the other."""
+
+    def imports_of(package: str) -> re.Pattern:
+        names = rf"(hf_relformer\.{package}|\.\.{package})\b"
+        return re.compile(rf"^\s*(from\s+{names}|import\s+{names})", re.M)
+
+    pattern = {"hub": imports_of("conversion"), "conversion": imports_of("hub")}
+    folders = {"hub": REPO_ROOT / "hf_relformer" / "hub", "conversion": REPO_ROOT / "conversion"}
+    offences = [
+        f"{path.relative_to(REPO_ROOT)}"
+        for side, folder in folders.items()
+        for path in sorted(folder.glob("*.py"))
+        if pattern[side].search(path.read_text(encoding="utf-8"))
+    ]
+    assert offences == []

@@ -10,7 +10,7 @@ import pytest
 
 from hf_relformer.demo import DemoSettings, model_card_from_results, run_demo
 from hf_relformer.hub.card import count_parameters, render_card
-from hf_relformer.hub.model_card import TEMPLATE, conversion_card, count_parameters_of, model_card
+from hf_relformer.model_card import TEMPLATE, conversion_card, count_parameters_of, model_card
 
 from helpers import load_example, tiny_lm, tiny_seq2seq
 

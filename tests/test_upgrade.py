@@ -22,11 +22,10 @@ from safetensors.torch import load_file
 
 import hf_relformer
 from hf_relformer import RelformerForCausalLM
-from hf_relformer.checkpoint import MODEL_CODE
+from hf_relformer.checkpoint import MODEL_CODE, CheckpointError
 from hf_relformer.configuration_relformer import CODE_VERSION_KEY, TESTED_TRANSFORMERS
-from hf_relformer.conversion import upgrade as upgrade_module
-from hf_relformer.conversion.common import ConversionError
-from hf_relformer.conversion.upgrade import UpgradeError, upgrade_repo, verify
+from hf_relformer.hub import upgrade as upgrade_module
+from hf_relformer.hub.upgrade import UpgradeError, upgrade_repo, verify
 
 from helpers import REPO_ROOT, run_remote_code
 
@@ -276,7 +275,7 @@ def test_repo_upgrade_errors_are_one_line_and_a_current_repo_is_left_alone(hub_s
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     publish(tmp_path / "foreign", "relformer-org/foreign")
-    with pytest.raises(ConversionError, match="model_type is 'gpt2'"):
+    with pytest.raises(CheckpointError, match="model_type is 'gpt2'"):
         upgrade_repo("relformer-org/foreign", api=api)
     assert api.commits == []
 

@@ -12,18 +12,17 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from hf_relformer.checkpoint import checkpoint_problems
-from hf_relformer.commands import run_command
-from hf_relformer.saving import write_atomically
-
-from ..conversion.common import (
-    ConversionError,
+from hf_relformer.checkpoint import (
+    CheckpointError,
+    checkpoint_problems,
     folder_shapes,
     is_hub_name,
     load_relformer_config,
     read_json,
 )
-from .model_card import CardError, conversion_card, model_card
+from hf_relformer.commands import run_command
+from hf_relformer.model_card import CardError, conversion_card, model_card
+from hf_relformer.saving import write_atomically
 
 
 def count_parameters(folder: Path) -> int:
@@ -46,10 +45,10 @@ def render_card(
         config = load_relformer_config(folder)
         problems = checkpoint_problems(config, folder_shapes(folder))
         if problems:
-            raise ConversionError(f"{folder / 'config.json'} does not fit the weights: {problems[0]}")
+            raise CheckpointError(f"{folder / 'config.json'} does not fit the weights: {problems[0]}")
         conversion = read_json(folder / "conversion.json") if (folder / "conversion.json").exists() else {}
         parameters = count_parameters(folder)
-    except ConversionError as error:
+    except CheckpointError as error:
         raise CardError(str(error)) from error
     common = dict(results=results, license=license, datasets=datasets, repo_id=repo_id)
     plots = [path.name for path in folder.glob("*.png")]
@@ -77,7 +76,7 @@ def write_card(folder: str | Path, **kwargs) -> Path:
 def _read_json(path: Path) -> dict:
     try:
         return read_json(path)
-    except ConversionError as error:
+    except CheckpointError as error:
         raise CardError(str(error)) from error
 
 

@@ -26,19 +26,21 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
-from hf_relformer.checkpoint import MODEL_CODE, checkpoint_problems
-from hf_relformer.commands import run_command
-
-from ..conversion.common import (
+from hf_relformer.checkpoint import (
+    AUTO_CLASS_OF_FORM,
+    MODEL_CODE,
     PICKLE_SUFFIXES,
     TOKENIZER_FILES,
-    ConversionError,
+    CheckpointError,
     UnreadableFile,
+    checkpoint_problems,
     folder_shapes,
     is_hub_name,
     load_relformer_config,
     load_tokenizer,
 )
+from hf_relformer.commands import run_command
+
 from .card import CardError, write_card
 
 RETRIES, BACKOFF_SECONDS = 4, 2.0
@@ -49,8 +51,7 @@ import json, sys
 sys.modules["hf_relformer"] = None
 import torch, transformers
 config = transformers.AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
-form = sys.argv[2]  # config.form
-auto = {"decoder-only": "AutoModelForCausalLM", "encoder-decoder": "AutoModelForSeq2SeqLM"}.get(form, "AutoModel")
+form, auto = sys.argv[2], sys.argv[3]  # config.form, and the Auto class that loads it (AUTO_CLASS_OF_FORM)
 model = getattr(transformers, auto).from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 ids = torch.tensor([[min(3, config.vocab_size - 1)] * 4])
@@ -133,7 +134,7 @@ def check_config(folder: Path, result: Validation):
     """The folder's `RelformerConfig`, or None with the reason added to `result.problems`."""
     try:
         return load_relformer_config(folder)
-    except ConversionError as error:
+    except CheckpointError as error:
         result.problems.append(str(error))
         return None
 
@@ -145,7 +146,7 @@ def check_weights(folder: Path, config, result: Validation) -> None:
     except UnreadableFile as error:
         result.problems.append(f"{error.path.name} cannot be read: {error.reason}")
         return
-    except ConversionError as error:  # no safetensors file
+    except CheckpointError as error:  # no safetensors file
         result.problems.append(str(error))
         return
     if config is not None:
@@ -156,7 +157,7 @@ def _check_tokenizer(folder: Path, config, result: Validation) -> None:
     """Tokenizer files that are there must load and give ids the model has."""
     try:
         load_tokenizer(folder, "", config.vocab_size)
-    except ConversionError as error:
+    except CheckpointError as error:
         result.problems.append(str(error))
 
 
@@ -210,7 +211,7 @@ class RemoteLoadError(RuntimeError):
 
 def _check_remote_load(folder: Path, config, result: Validation) -> None:
     try:
-        report = run_without_package(REMOTE_CHECK, folder, config.form)
+        report = run_without_package(REMOTE_CHECK, folder, config.form, AUTO_CLASS_OF_FORM[config.form])
     except RemoteLoadError as error:
         result.problems.append(f"the folder does not load with trust_remote_code=True without hf_relformer: {error}")
         return

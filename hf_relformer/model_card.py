@@ -12,17 +12,18 @@ from importlib import resources
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedModel
 
+from hf_relformer.checkpoint import AUTO_CLASS_OF_FORM, is_hub_name
 from hf_relformer.configuration_relformer import RelformerConfig
 
 TEMPLATE = "relformer.md.jinja"  # in the package hf_relformer.model_cards (the top-level model_cards/ folder)
-FORMS = {  # form -> (pipeline tag, Auto class of its main head)
-    "decoder-only": ("text-generation", "AutoModelForCausalLM"),
-    "encoder": ("feature-extraction", "AutoModel"),
-    "encoder-decoder": ("text2text-generation", "AutoModelForSeq2SeqLM"),
+PIPELINE_TAGS = {
+    "decoder-only": "text-generation",
+    "encoder": "feature-extraction",
+    "encoder-decoder": "text2text-generation",
 }
+FORMS = {form: (tag, AUTO_CLASS_OF_FORM[form]) for form, tag in PIPELINE_TAGS.items()}  # form -> (tag, Auto class)
 HEAD_TAGS = {
     "RelformerForMaskedLM": ("fill-mask", "AutoModelForMaskedLM"),
     "RelformerForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
@@ -152,7 +153,7 @@ def conversion_card(config: RelformerConfig, parameters: int, conversion: dict, 
         f"[Relformer](https://pypi.org/project/hf-relformer/) `{relformer_class}` by `relformer-convert {source}`. "
         "The conversion changes no behaviour beyond the floating-point differences reported below."
     )
-    kwargs.setdefault("base_model", source_name if _is_hub_name(source_name) else None)
+    kwargs.setdefault("base_model", source_name if is_hub_name(source_name) else None)
     return model_card(
         config,
         parameters,
@@ -162,12 +163,3 @@ def conversion_card(config: RelformerConfig, parameters: int, conversion: dict, 
         tags=["converted", *kwargs.pop("tags", ())],
         **kwargs,
     )
-
-
-def _is_hub_name(name: str) -> bool:
-    """`owner/name` as the Hub spells repository ids (a local path is not one)."""
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return name.count("/") == 1

@@ -1,10 +1,10 @@
 """Replace the code a saved Relformer checkpoint ships with the installed package's, then verify it without the package.
 
-    relformer-upgrade PATH                 (also: python -m hf_relformer.conversion.upgrade PATH)
+    relformer-upgrade PATH                 (also: python -m hf_relformer.hub.upgrade PATH)
     relformer-upgrade --repo-id ID [--revision REV] [--commit-message MSG] [--endpoint URL] [--token TOKEN] [--dry-run]
 
-A checkpoint carries configuration_relformer.py, modeling_relformer.py and positions_relformer.py (and
-pipeline_relformer.py when a pipeline was saved): loaded with `trust_remote_code=True` where the package is not
+A checkpoint carries the modeling file and the files it imports (`MODEL_CODE`), and pipeline_relformer.py when a
+pipeline was saved: loaded with `trust_remote_code=True` where the package is not
 installed, that code runs, frozen as it was at save time. This command replaces those files (and config.json's
 `auto_map`, `custom_pipelines` and `relformer_code_version` when they differ) and leaves every other file (weights,
 tokenizer, card) untouched. The upgraded folder is built in a temporary sibling and verified there, in a fresh process
@@ -35,14 +35,14 @@ from huggingface_hub import CommitOperationAdd, HfApi
 
 import hf_relformer
 from hf_relformer import modeling_relformer
+from hf_relformer.checkpoint import MODEL_CODE, CheckpointError, load_relformer_config, read_json
 from hf_relformer.commands import run_command
 from hf_relformer.configuration_relformer import AUTO_MAP, CODE_VERSION, CODE_VERSION_KEY
 from hf_relformer.pipeline_relformer import TASK, RelformerText2TextPipeline
 from hf_relformer.saving import ExtraFiles, save_pretrained_atomically
 
-from ..hub.upload import (
+from .upload import (
     HUB_OPTIONS,
-    MODEL_CODE,
     RemoteLoadError,
     UploadError,
     Validation,
@@ -54,7 +54,6 @@ from ..hub.upload import (
     run_without_package,
     with_retries,
 )
-from .common import ConversionError, load_relformer_config, read_json
 
 PIPELINE_CODE = "pipeline_relformer.py"
 PIPELINE_IMPL = f"{PIPELINE_CODE[:-3]}.{RelformerText2TextPipeline.__name__}"
@@ -114,7 +113,7 @@ class Plan:
 
 
 def plan_upgrade(folder: Path) -> Plan:
-    """Compare the folder's code files and config.json with the installed package's (a `ConversionError` when the
+    """Compare the folder's code files and config.json with the installed package's (a `CheckpointError` when the
     folder is not a Relformer checkpoint: no config.json, another model_type, a damaged or invalid config)."""
     config = load_relformer_config(folder)
     data = read_json(folder / "config.json")
@@ -348,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.folder is None) == (args.repo_id is None):
         parser.error("give either a folder or --repo-id ID")
-    errors = (UpgradeError, UploadError, ConversionError)
+    errors = (UpgradeError, UploadError, CheckpointError)
     if args.repo_id is not None:
         check_hub_options(parser, args, args.repo_id, "--repo-id")
         work = lambda: upgrade_repo(args.repo_id, **hub_options(args))  # noqa: E731
