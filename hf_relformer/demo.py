@@ -40,7 +40,7 @@ from .configuration_relformer import RelformerConfig
 from .model_card import count_parameters_of
 from .model_card import model_card as render_model_card
 from .modeling_relformer import RelformerForCausalLM
-from .positions_relformer import POSITION_SCHEMES, LearnedPositions, scheme_variants, with_horizon
+from .positions_relformer import scheme_variants, with_horizon
 from .saving import ExtraFiles, Subfolder, save_pretrained_atomically
 
 if TYPE_CHECKING:  # Python 3.11+ (3.10: importlib.abc)
@@ -113,9 +113,7 @@ def train(model: RelformerForCausalLM, batches: Iterator[dict], settings: DemoSe
 
 def position_table_rows(model: RelformerForCausalLM) -> int | None:
     """How many positions the model can read, or None when any length works."""
-    if POSITION_SCHEMES[model.config.position_embedding_type].stack_part is LearnedPositions:
-        return model.config.max_position_embeddings
-    return None
+    return model.config.position_scheme.max_length(model.config)
 
 
 def mean_and_spread(values: list[float | None]) -> tuple[float, float] | None:

@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
-from hf_relformer.checkpoint import AUTO_CLASS_OF_FORM, is_hub_name
+from hf_relformer.checkpoint import AUTO_CLASS_OF_FORM, MODEL_CODE, is_hub_name
 from hf_relformer.configuration_relformer import RelformerConfig
 
 TEMPLATE = "relformer.md.jinja"  # in the package hf_relformer.model_cards (the top-level model_cards/ folder)
@@ -87,11 +87,11 @@ def model_card(
         eval_results = [EvalResult(**entry) for entry in results.pop("model_index", [])]
     except (TypeError, ValueError) as error:
         raise CardError(f"results: model_index must list {{task_type, dataset_type, ...}} objects: {error}") from error
-    relative = config.position_embedding_type == "relative"
+    scheme = config.position_scheme
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        tags=["relformer", "relative-position" if relative else "transformer", *tags],
+        tags=["relformer", "relative-position" if scheme.translation_invariant else "transformer", *tags],
         license=license,
         datasets=datasets or None,
         base_model=base_model,
@@ -105,9 +105,8 @@ def model_card(
         summary=summary,
         form=form,
         positions=config.position_embedding_type,
-        max_distance=config.relative_attention_max_distance if relative else "–",
-        values="yes" if relative and config.relative_attention_values else "no",
-        per_head="yes" if relative and config.relative_attention_per_head else "no",
+        position_settings=scheme.card_settings(config),
+        code_files=", ".join(f"`{name}`" for name in MODEL_CODE),
         layers=layers_of(config),
         hidden_size=config.hidden_size,
         heads=config.num_attention_heads,

@@ -572,6 +572,14 @@ class PositionScheme:
         """Why a backend missing from `backends` is missing (for the error message)."""
         return ""
 
+    def card_settings(self, config) -> str:
+        """This scheme's settings in a model card's architecture table (its horizon, buckets, slopes, ...)."""
+        return "none"
+
+    def max_length(self, config) -> int | None:
+        """How many positions a model of this scheme can read (a table past which it cannot), or None: any length."""
+        return None
+
     def runs_registered_functions(self, config) -> bool:
         """Whether any attention function registered in transformers' registry (one that takes q, k and v alone, as a
         serving engine's) runs this scheme: yes when its positions act on the embeddings or on q and k, no when it adds
@@ -633,6 +641,11 @@ class RelativeScheme(PositionScheme):
     def backends(self, config) -> tuple[str, ...]:
         return backends(values_term=config.relative_attention_values)
 
+    def card_settings(self, config) -> str:
+        terms = "keys and values" if config.relative_attention_values else "keys"
+        tables = "a table per head" if config.relative_attention_per_head else "tables shared by the heads"
+        return f"k = {config.relative_attention_max_distance}; {terms}; {tables}"
+
     def backend_reason(self, config) -> str:
         return (
             "cannot compute the relative values term (relative_attention_values=True needs the attention "
@@ -658,6 +671,9 @@ class SinusoidalScheme(PositionScheme):
     def check(self, config) -> None:
         _require_even(config, config.hidden_size, "hidden_size")
 
+    def card_settings(self, config) -> str:
+        return "fixed sin/cos table, any length"
+
     def init_weights(self, module: nn.Module, std: float) -> None:
         if isinstance(module, SinusoidalPositions):
             init.copy_(module.inv_freq, module.compute_inv_freq())
@@ -671,6 +687,12 @@ class LearnedScheme(PositionScheme):
     stack_part = LearnedPositions
     parameter_names = ("embed_positions.",)
     absolute = True
+
+    def card_settings(self, config) -> str:
+        return f"{config.max_position_embeddings} learned positions"
+
+    def max_length(self, config) -> int | None:
+        return config.max_position_embeddings
 
 
 class RotaryScheme(PositionScheme):
@@ -697,6 +719,11 @@ class RotaryScheme(PositionScheme):
             config.validate_rope()
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"rope_parameters {rope!r} are invalid: {error}") from None
+
+    def card_settings(self, config) -> str:
+        rope = config.rope_parameters
+        extra = "".join(f", {key} {value}" for key, value in rope.items() if key not in ("rope_type", "rope_theta"))
+        return f"rope_type {rope.get('rope_type', 'default')}, θ = {rope.get('rope_theta')}{extra}"
 
     def init_weights(self, module: nn.Module, std: float) -> None:
         if isinstance(module, RotaryPositions):
@@ -730,6 +757,12 @@ class T5Scheme(PositionScheme):
         # spaced) and share the last one beyond: a scalar per head and distance, clipped like Shaw's tables
         return {"relative_attention_max_distance": max_distance, "relative_attention_num_buckets": max_distance}
 
+    def card_settings(self, config) -> str:
+        return (
+            f"{config.relative_attention_num_buckets} buckets per head up to distance "
+            f"{config.relative_attention_max_distance}"
+        )
+
     def init_weights(self, module: nn.Module, std: float) -> None:
         if isinstance(module, T5Buckets):
             init.normal_(module.relative_attention_bias.weight, mean=0.0, std=std)
@@ -743,6 +776,10 @@ class AlibiScheme(PositionScheme):
     stack_part = AlibiSlopes
     attention_part = GridBias
     translation_invariant = True
+
+    def card_settings(self, config) -> str:
+        slopes = alibi_slopes(config.num_attention_heads)
+        return f"fixed slopes per head {', '.join(f'{float(m):.4g}' for m in slopes)}"
 
     def init_weights(self, module: nn.Module, std: float) -> None:
         if isinstance(module, AlibiSlopes):

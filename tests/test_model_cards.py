@@ -82,3 +82,22 @@ def test_the_demo_saves_the_card_its_results_json_rebuilds(tmp_path):
 def test_parameters_counted_from_a_config_match_the_model(scheme):
     model = tiny_lm(scheme)
     assert count_parameters_of(type(model), model.config) == model.num_parameters()
+
+
+@pytest.mark.parametrize(
+    ("scheme", "settings"),
+    [
+        ("t5", "| t5 | 8 buckets per head up to distance 12 |"),
+        ("alibi", "| alibi | fixed slopes per head 0.25, 0.0625, 0.01562, 0.003906 |"),  # 2^(-8h/4)
+        ("relative_values_per_head", "| relative | k = 3; keys and values; a table per head |"),
+        ("learned", "| learned | 64 learned positions |"),
+        ("rotary", "| rotary | rope_type default, θ = 10000.0 |"),
+        ("none", "| none | none |"),
+    ],
+)
+def test_a_card_shows_the_settings_of_its_scheme(scheme, settings, tmp_path):
+    """The scheme says what its card shows (T5's buckets, ALiBi's slopes, Shaw's horizon), not the card renderer;
+    and the card lists the code files a checkpoint ships."""
+    card = str(model_card(tiny_lm(scheme).config, 1, title="tiny", summary="a tiny model"))
+    assert settings in card
+    assert "`attention_relformer.py`" in card and "`modeling_relformer.py`" in card
