@@ -109,18 +109,10 @@ class RelformerConfig(PreTrainedConfig):
     let `generate` size its cache from the decoder depth) and shares one embedding between encoder, decoder and
     output layer when `tie_word_embeddings=True`, as in Vaswani et al. (2017).
 
-    Position schemes (`position_embedding_type`):
-    - `"relative"`: Shaw et al. (2018) relative positions inside self-attention, distances clipped to
-      `relative_attention_max_distance` (k). The keys term `q·a^K` is always on; `relative_attention_values=True`
-      adds the values term `Σ α a^V` (eager attention only). `relative_attention_per_head=True` learns one table
-      per head (Music Transformer) instead of one shared by all heads.
-    - `"sinusoidal"` / `"learned"`: absolute positions added to the token embeddings (Vaswani et al. 2017);
-      learned positions are limited to `max_position_embeddings`.
-    - `"rotary"`: rotary embeddings on queries and keys (`rope_parameters`).
-    - `"none"`: no position information (causal masking alone).
-    - `"t5"`: T5's (Raffel et al. 2020) scalar bias per head and log-spaced distance bucket
-      (`relative_attention_num_buckets`, `relative_attention_max_distance`), one table per stack.
-    The schemes are objects in `positions_relformer.POSITION_SCHEMES`; README's table lists them all.
+    Position schemes: `position_embedding_type` names one of the registry `positions_relformer.POSITION_SCHEMES`
+    (its keys are the allowed values); each scheme checks the fields it reads (`relative_attention_*`,
+    `rope_parameters`, `max_position_embeddings`) and says which attention backends it runs. README's table lists
+    every scheme, where it acts and its paper.
 
     Architecture switches: `layer_norm_position` ("pre" or "post"), `norm_type` ("layer_norm" or "rms_norm"),
     `feed_forward_type` ("plain" or "gated", gated = GLU such as SwiGLU with `hidden_act="silu"`),
@@ -183,8 +175,7 @@ class RelformerConfig(PreTrainedConfig):
     decoder_start_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
-        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
-            raise ValueError(f"rope_parameters must be a dict or null, got {self.rope_parameters!r}.")
+        _require_dict_or_none("rope_parameters", self.rope_parameters)  # before transformers standardizes it
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and _is_positive_int(self.num_attention_heads) and _is_positive_int(self.hidden_size):
@@ -250,8 +241,7 @@ class RelformerConfig(PreTrainedConfig):
             raise ValueError(f"type_vocab_size must be a non-negative integer, got {self.type_vocab_size!r}.")
         if self.final_layer_norm not in (None, True, False):
             raise ValueError(f"final_layer_norm must be true, false or null, got {self.final_layer_norm!r}.")
-        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
-            raise ValueError(f"rope_parameters must be a dict or null, got {self.rope_parameters!r}.")
+        _require_dict_or_none("rope_parameters", self.rope_parameters)  # it may have been set after construction
         for scheme in POSITION_SCHEMES.values():
             for name in scheme.switches:
                 if getattr(self, name) and self.position_embedding_type != scheme.name:
@@ -357,6 +347,11 @@ def _require_positive_int(name: str, value: object) -> None:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_dict_or_none(name: str, value: object) -> None:
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict or null, got {value!r}.")
 
 
 def _require_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
