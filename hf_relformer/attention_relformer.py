@@ -36,6 +36,9 @@ BLOCK_ELEMENTS = 2**19
 MIN_BLOCK_ROWS = 32
 
 
+NO_MASK = object()  # a built block mask that allows every pair (None: not built yet)
+
+
 class AttentionMask:
     """Which keys each query of one forward may attend to, described once per stack and rendered per backend.
 
@@ -110,10 +113,11 @@ class AttentionMask:
             return None
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
-    def is_plain_causal(self, start: int, stop: int, key_stop: int) -> bool:
-        """Whether the only masking is causal, with query i at key i (a kernel's own `is_causal` does it)."""
+    def is_plain_causal(self, start: int) -> bool:
+        """Whether the only masking of the queries from `start` on is causal with query i at key i (no cache, the
+        first block), which a kernel's own `is_causal` does. Compares no sizes (compiling keeps them symbolic)."""
         plain = self.causal and self.custom is None and self.padding is None and isinstance(self.past_length, int)
-        return plain and self.past_length == 0 and start == 0  # then key_stop == stop: no sizes compared
+        return plain and self.past_length == 0 and start == 0
 
     def mask_mod(self) -> Callable | None:
         """flex attention's `mask_mod(b, h, q_idx, kv_idx) -> allowed`, or None when every pair is allowed."""
@@ -134,8 +138,8 @@ class AttentionMask:
         """flex attention's `BlockMask` of `mask_mod` (built once per forward), or None when every pair is allowed."""
         if self._block_mask is None:
             mask_mod = self.mask_mod()
-            self._block_mask = False if mask_mod is None else self.block_mask_of(mask_mod, device)
-        return self._block_mask or None
+            self._block_mask = NO_MASK if mask_mod is None else self.block_mask_of(mask_mod, device)
+        return None if self._block_mask is NO_MASK else self._block_mask
 
     def block_mask_of(self, mask_mod: Callable, device: torch.device):
         """A `BlockMask` of any `mask_mod` over this forward's queries and keys. Compiled off CPU, as transformers
@@ -267,7 +271,7 @@ def eager_attention(module, query, key, value, attention_mask, start, stop, bias
 def sdpa_attention(module, query, key, value, attention_mask, start, stop, bias, scaling, dropout):
     """torch's `scaled_dot_product_attention` with the bias and mask as one additive term (its own causal mode when
     the mask is plainly causal and there is no bias, which lets it skip the masked half)."""
-    is_causal = bias is None and attention_mask.is_plain_causal(start, stop, key.shape[2])
+    is_causal = bias is None and attention_mask.is_plain_causal(start)
     term = None if is_causal else masked_bias(bias, attention_mask, start, stop, key.shape[2], query)
     output = nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=term, dropout_p=dropout, is_causal=is_causal, scale=scaling
@@ -359,7 +363,7 @@ def registered_function(function: Callable) -> Callable:
         if position is not None:
             raise ValueError(f"{function.__name__} takes q, k and v alone: it cannot add a position term.")
         (query_length, key_length), device = (query.shape[2], key.shape[2]), query.device
-        only_causal = attention_mask.is_plain_causal(0, query_length, key_length)
+        only_causal = attention_mask.is_plain_causal(0)
         mask = None if only_causal else attention_mask.allowed(0, query_length, key_length, device)
         return function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
