@@ -1,8 +1,9 @@
 """Relformer: the Transformer with Shaw relative-position attention (and other position schemes) for transformers.
 
-Reads in data-flow order: norms -> feed-forward -> attention function -> attention module -> layer ->
-pretrained base (class flags, init) -> stack -> bare model (one class per form: single stack, encoder-decoder) ->
-heads. Position schemes live in `positions_relformer.py`.
+Reads in data-flow order: norms -> feed-forward -> attention module -> layer -> pretrained base (class flags, init) ->
+stack -> bare model (one class per form: single stack, encoder-decoder) -> heads. The attention backends and the mask
+live in `attention_relformer.py`, the position schemes in `positions_relformer.py`, the loading checks in
+`loading_relformer.py`, the checks of a forward's inputs in `inputs_relformer.py`.
 This file is shipped with every saved checkpoint (remote code): it imports only torch, transformers and its
 sibling files through single-dot relative imports.
 """
