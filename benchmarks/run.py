@@ -41,8 +41,8 @@ from hf_relformer import (
 )
 from hf_relformer.attention_relformer import AttentionMask
 from hf_relformer.modeling_relformer import RelformerAttention
-from hf_relformer.positions_relformer import scheme_variants, with_horizon
 from hf_relformer.saving import write_atomically
+from hf_relformer.variants import scheme_variants, with_horizon
 
 from .naive_shaw import gathered_relative_logits, naive_shaw_attention, skewed_relative_logits
 

@@ -40,6 +40,19 @@ def flags() -> dict[str, tuple[Flag, list[str]]]:
     return found
 
 
+def position_settings() -> dict[str, list[str]]:
+    """Every config field a position scheme reads (its sizes and switches), with the schemes that read it."""
+    found: dict[str, list[str]] = {}
+    for scheme in POSITION_SCHEMES.values():
+        for name in scheme.settings:
+            found.setdefault(name, []).append(scheme.name)
+    return found
+
+
+def is_size(name: str) -> bool:
+    return any(name in scheme.sizes for scheme in POSITION_SCHEMES.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relformer-convert",
@@ -63,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(POSITION_SCHEMES),
         help="re-initialise positions with this scheme for fine-tuning (outputs then differ from the source)",
     )
-    parser.add_argument("--relative-attention-max-distance", type=int, metavar="K", help="k of relative positions")
+    for name, schemes in position_settings().items():
+        kind = dict(type=int, metavar="N") if is_size(name) else dict(action=argparse.BooleanOptionalAction)
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, **kind, help=f"{', '.join(schemes)}: the config's {name}"
+        )
     for flag, sources in flags().values():
         parser.add_argument(
             flag.option, type=flag.type, metavar=flag.metavar, help=f"{', '.join(sources)}: {flag.help}"
@@ -77,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.tolerance < math.inf:
         parser.error(f"--tolerance must be a positive number, got {args.tolerance}")
-    if args.relative_attention_max_distance is not None and args.relative_attention_max_distance < 1:
-        parser.error("--relative-attention-max-distance must be a positive integer")
+    settings = {name: getattr(args, name) for name in position_settings() if getattr(args, name) is not None}
+    for name, value in settings.items():
+        if is_size(name) and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     source = SOURCES[args.source]
     for flag, sources in flags().values():
         if getattr(args, flag.name) is not None and args.source not in sources:
@@ -102,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.disable_progress_bar()
     options = Options(
         position_embedding_type=args.position_embedding_type,
-        relative_attention_max_distance=args.relative_attention_max_distance,
+        position_settings=settings,
         **{name: getattr(args, name) for name in flags()},
         progress=not args.no_progress,
     )

@@ -252,7 +252,9 @@ class Options:
     """Converter settings shared by the CLI and the Python API."""
 
     position_embedding_type: str | None = None  # re-initialise positions with this scheme (outputs then differ)
-    relative_attention_max_distance: int | None = None
+    # config fields of the (new or kept) scheme, e.g. {"relative_attention_max_distance": 64}: a value that differs
+    # from the source's re-initialises the positions too
+    position_settings: dict[str, int | bool] = field(default_factory=dict)
     gguf_file: str | None = None  # llama: a GGUF file (inside INPUT, or INPUT itself)
     hparams: Path | None = None  # torch-transformer: JSON of the module's constructor arguments
     progress: bool = True
@@ -338,23 +340,25 @@ def finish(
     model, `prefix` added for heads) and the `head` tensors (full names); `allow_missing` names model tensors that may
     keep their fresh initialisation. With `options.position_embedding_type`, positions are re-initialised as that
     scheme and the source's position tensors dropped. Returns (model, positions_reinitialised)."""
-    reinitialise = (
-        options.position_embedding_type is not None
-        and options.position_embedding_type != config_kwargs.get("position_embedding_type")
-    ) or (
-        options.relative_attention_max_distance is not None
-        and options.relative_attention_max_distance != config_kwargs.get("relative_attention_max_distance")
+    name = options.position_embedding_type or config_kwargs.get("position_embedding_type")
+    scheme = POSITION_SCHEMES[name]
+    for setting in options.position_settings:
+        if setting not in scheme.settings:
+            raise ConversionError(
+                f"{setting} is not a setting of position_embedding_type={name!r} (its settings: "
+                f"{', '.join(scheme.settings) or 'none'})."
+            )
+    reinitialise = name != config_kwargs.get("position_embedding_type") or any(
+        value != config_kwargs.get(setting, getattr(RelformerConfig, setting))
+        for setting, value in options.position_settings.items()
     )
     if reinitialise:
-        if options.position_embedding_type is not None:
-            config_kwargs["position_embedding_type"] = options.position_embedding_type
-        if options.relative_attention_max_distance is not None:
-            config_kwargs["relative_attention_max_distance"] = options.relative_attention_max_distance
-        scheme = POSITION_SCHEMES[config_kwargs.get("position_embedding_type")]
+        config_kwargs["position_embedding_type"] = name
         for other in POSITION_SCHEMES.values():
             if other is not scheme:  # the switches of the source's scheme do not carry over
-                for name in other.switches:
-                    config_kwargs.pop(name, None)
+                for switch in other.switches:
+                    config_kwargs.pop(switch, None)
+        config_kwargs.update(options.position_settings)
         mapped = {name: t for name, t in mapped.items() if not _is_position_tensor(name)}
     config = relformer_config(**config_kwargs)
     torch.manual_seed(0)  # re-initialised positions are reproducible

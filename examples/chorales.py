@@ -41,8 +41,8 @@ from hf_relformer.checks import DecodingCheckError, check_cached_decoding
 from hf_relformer.cli import run_command
 from hf_relformer.demo import SCHEMES
 from hf_relformer.model_card import count_parameters_of, model_card
-from hf_relformer.positions_relformer import with_horizon
 from hf_relformer.saving import ExtraFiles, output_problem, save_pretrained_atomically
+from hf_relformer.variants import with_horizon
 
 try:
     import music21

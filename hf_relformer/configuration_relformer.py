@@ -29,7 +29,8 @@ LAYER_NORM_POSITIONS = ("pre", "post")
 NORM_TYPES = ("layer_norm", "rms_norm")
 FEED_FORWARD_TYPES = ("plain", "gated")
 
-# Fields checked by `RelformerConfig.validate` by kind (the others have their own checks there).
+# Fields checked by `RelformerConfig.validate` by kind (the others have their own checks there); the position
+# schemes add the fields they read.
 POSITIVE_INT_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -38,13 +39,9 @@ POSITIVE_INT_FIELDS = (
     "num_key_value_heads",
     "intermediate_size",
     "max_position_embeddings",
-    "relative_attention_max_distance",
-    "relative_attention_num_buckets",
+    *dict.fromkeys(name for scheme in POSITION_SCHEMES.values() for name in scheme.sizes),
 )
 BOOL_FIELDS = (
-    "relative_attention_values",
-    "relative_attention_per_head",
-    "relative_attention_key_query",
     "attention_bias",
     "mlp_bias",
     "scale_attention_scores",
@@ -55,6 +52,7 @@ BOOL_FIELDS = (
     "use_cache",
     "is_decoder",
     "is_encoder_decoder",
+    *(name for scheme in POSITION_SCHEMES.values() for name in scheme.switches),
 )
 
 # Keys a config.json or a caller may carry besides the fields: read by transformers' own config code (or written by
@@ -110,9 +108,9 @@ class RelformerConfig(PreTrainedConfig):
     output layer when `tie_word_embeddings=True`, as in Vaswani et al. (2017).
 
     Position schemes: `position_embedding_type` names one of the registry `positions_relformer.POSITION_SCHEMES`
-    (its keys are the allowed values); each scheme checks the fields it reads (`relative_attention_*`,
-    `rope_parameters`, `max_position_embeddings`) and says which attention backends it runs. README's table lists
-    every scheme, where it acts and its paper.
+    (its keys are the allowed values); each scheme names and checks the fields it reads (its `sizes` and
+    `switches`; rotary: `rope_parameters`; learned: `max_position_embeddings`) and says which attention backends it
+    runs. README's table lists every scheme, where it acts and its paper.
 
     Architecture switches: `layer_norm_position` ("pre" or "post"), `norm_type` ("layer_norm" or "rms_norm"),
     `feed_forward_type` ("plain" or "gated", gated = GLU such as SwiGLU with `hidden_act="silu"`),

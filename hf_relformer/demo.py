@@ -40,8 +40,8 @@ from .configuration_relformer import RelformerConfig
 from .model_card import count_parameters_of
 from .model_card import model_card as render_model_card
 from .modeling_relformer import RelformerForCausalLM
-from .positions_relformer import scheme_variants, with_horizon
 from .saving import ExtraFiles, Subfolder, save_pretrained_atomically
+from .variants import scheme_variants, with_horizon
 
 if TYPE_CHECKING:  # Python 3.11+ (3.10: importlib.abc)
     from importlib.resources.abc import Traversable

@@ -1,9 +1,9 @@
 """Position schemes of Relformer: one `PositionScheme` object per scheme, registered in `POSITION_SCHEMES`.
 
-A scheme owns everything about itself: its name and paper, the config fields it reads (their checks), its named
-variants (config overrides used by the tests, the demo and the benchmarks), its two modules, the attention backends
-it supports, its weight init and the names of its tensors (for conversion). Nothing outside this file asks which
-scheme a model uses.
+A scheme owns what a model needs of it: its name, the config fields it reads (their checks), its two modules, the
+attention backends it supports, its weight init, its model-card settings, its maximum length and the names of its
+tensors (for conversion). Nothing outside this file asks which scheme a model uses. What only the library needs (the
+named variants the tests, the demo and the benchmarks run, README's catalog) lives outside the shipped files.
 
 - The *stack part* runs once per forward of a stack of layers:
   `forward(inputs_embeds, position_ids, past_length, key_length) -> (inputs_embeds, layer_inputs)`.
@@ -547,18 +547,18 @@ class PositionScheme:
     benchmarks need to know about it. Subclasses set the class attributes and override what differs."""
 
     name = ""
-    where = ""  # where it acts, for the README's table
-    length = ""  # how it behaves with length
-    paper = ""
     stack_part: type[nn.Module] = NoStackPositions
     attention_part: type[nn.Module] = NoAttentionPositions
-    switches: tuple[str, ...] = ()  # boolean config fields that need this scheme
-    test_overrides: dict = {}  # settings of the tests' tiny models (e.g. tables small enough for them)
-    variants: dict[str, dict] = {}  # named variants besides the plain scheme: extra config overrides
-    featured_variants: tuple[str, ...] = ()  # the variants the demo and the benchmarks run too (the tests run all)
+    sizes: tuple[str, ...] = ()  # positive-integer config fields it reads (the config checks them)
+    switches: tuple[str, ...] = ()  # boolean config fields it reads; True needs this scheme
     parameter_names: tuple[str, ...] = ()  # fragments of the names of its tensors (for conversion)
     translation_invariant = False  # the outputs depend only on distances: shifting every position changes nothing
     absolute = False  # positions come from `position_ids` (so those change the outputs)
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """The config fields of this scheme alone (what a converter may set for it)."""
+        return self.sizes + self.switches
 
     def check(self, config) -> None:
         """Raise `ValueError` naming the field for a config this scheme cannot be built with."""
@@ -593,17 +593,6 @@ class PositionScheme:
         """Whether the tensor `name` of a Relformer state dict belongs to this scheme."""
         return any(fragment in name for fragment in self.parameter_names)
 
-    def horizon(self, max_distance: int) -> dict:
-        """Config overrides that let this scheme tell distances apart up to about `max_distance` and no further (the
-        demo's and the benchmarks' one knob `k`)."""
-        return {"relative_attention_max_distance": max_distance}
-
-    def named_variants(self, tiny: bool = False) -> dict[str, dict]:
-        """`{variant name: config overrides}`: the plain scheme under its own name, then its variants; `tiny` adds
-        `test_overrides`."""
-        plain = {"position_embedding_type": self.name, **(self.test_overrides if tiny else {})}
-        return {self.name: plain} | {name: {**plain, **overrides} for name, overrides in self.variants.items()}
-
 
 def _require_even(config, size: int, what: str) -> None:
     if size % 2:
@@ -613,19 +602,13 @@ def _require_even(config, size: int, what: str) -> None:
 
 
 class RelativeScheme(PositionScheme):
+    """Shaw et al. 2018: learned tables of clipped distances for the keys (and values); per head: Huang et al. 2018."""
+
     name = "relative"
-    where = "self-attention scores (keys term) and outputs (values term)"
-    length = "any length; distances beyond k share the edge row"
-    paper = "Shaw et al. 2018, Self-Attention with Relative Position Representations; per head: Huang et al. 2018"
     stack_part = RelativeBuckets
     attention_part = ShawRelativeAttention
+    sizes = ("relative_attention_max_distance",)
     switches = ("relative_attention_values", "relative_attention_per_head", "relative_attention_key_query")
-    variants = {
-        "relative_values": {"relative_attention_values": True},
-        "relative_per_head": {"relative_attention_per_head": True},
-        "relative_values_per_head": {"relative_attention_values": True, "relative_attention_per_head": True},
-    }
-    featured_variants = ("relative_values",)
     parameter_names = (".position.relative_",)
     translation_invariant = True
 
@@ -661,10 +644,9 @@ class RelativeScheme(PositionScheme):
 
 
 class SinusoidalScheme(PositionScheme):
+    """Vaswani et al. 2017: a fixed sin/cos table added to the token embeddings."""
+
     name = "sinusoidal"
-    where = "token embeddings"
-    length = "any length"
-    paper = "Vaswani et al. 2017, Attention Is All You Need"
     stack_part = SinusoidalPositions
     absolute = True
 
@@ -680,10 +662,9 @@ class SinusoidalScheme(PositionScheme):
 
 
 class LearnedScheme(PositionScheme):
+    """Vaswani et al. 2017, Gehring et al. 2017: a learned table added to the token embeddings."""
+
     name = "learned"
-    where = "token embeddings"
-    length = "up to max_position_embeddings (longer is an error)"
-    paper = "Vaswani et al. 2017; Gehring et al. 2017"
     stack_part = LearnedPositions
     parameter_names = ("embed_positions.",)
     absolute = True
@@ -696,10 +677,9 @@ class LearnedScheme(PositionScheme):
 
 
 class RotaryScheme(PositionScheme):
+    """Su et al. 2021 (RoFormer): q and k rotated by their positions, every rope type of transformers."""
+
     name = "rotary"
-    where = "queries and keys (rotated before the cache)"
-    length = "any length; rope_parameters' scaling types for extrapolation"
-    paper = "Su et al. 2021, RoFormer: Enhanced Transformer with Rotary Position Embedding"
     stack_part = RotaryPositions
     attention_part = RotaryAttentionPositions
     translation_invariant = True
@@ -733,13 +713,12 @@ class RotaryScheme(PositionScheme):
 
 
 class T5Scheme(PositionScheme):
+    """Raffel et al. 2020 (T5): a learned scalar per head and log-spaced distance bucket."""
+
     name = "t5"
-    where = "self-attention scores (one scalar per head and distance bucket, shared by the layers of a stack)"
-    length = "any length; log-bucketed distances, all beyond relative_attention_max_distance share a bucket"
-    paper = "Raffel et al. 2020, Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer"
     stack_part = T5Buckets
     attention_part = GridBias
-    test_overrides = {"relative_attention_num_buckets": 8, "relative_attention_max_distance": 12}
+    sizes = ("relative_attention_num_buckets", "relative_attention_max_distance")
     parameter_names = ("embed_positions.relative_attention_bias.",)
     translation_invariant = True
 
@@ -751,11 +730,6 @@ class T5Scheme(PositionScheme):
                 "relative_attention_max_distance above the distances bucketed exactly (num_buckets / 2 in a decoder, "
                 f"num_buckets / 4 in an encoder); got {buckets} and {distance}."
             )
-
-    def horizon(self, max_distance: int) -> dict:
-        # in a decoder, k buckets up to distance k give distances 0 .. k-1 a bucket each (k/2 exact, the rest log
-        # spaced) and share the last one beyond: a scalar per head and distance, clipped like Shaw's tables
-        return {"relative_attention_max_distance": max_distance, "relative_attention_num_buckets": max_distance}
 
     def card_settings(self, config) -> str:
         return (
@@ -769,10 +743,9 @@ class T5Scheme(PositionScheme):
 
 
 class AlibiScheme(PositionScheme):
+    """Press et al. 2022 (ALiBi): a fixed slope per head times the distance."""
+
     name = "alibi"
-    where = "self-attention scores (a fixed slope per head times the distance; no parameters)"
-    length = "any length; trained short, extrapolates (the paper's point)"
-    paper = "Press et al. 2022, Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation"
     stack_part = AlibiSlopes
     attention_part = GridBias
     translation_invariant = True
@@ -787,10 +760,9 @@ class AlibiScheme(PositionScheme):
 
 
 class NoPositionScheme(PositionScheme):
+    """Haviv et al. 2022: no positions (causal masking alone)."""
+
     name = "none"
-    where = "nowhere (causal masking alone)"
-    length = "any length"
-    paper = "Haviv et al. 2022, Transformer Language Models without Positional Encodings Still Learn Positional..."
     translation_invariant = True
 
 
@@ -810,20 +782,3 @@ POSITION_SCHEMES: dict[str, PositionScheme] = {
         AlibiScheme(),
     )
 }
-
-
-def with_horizon(overrides: dict, max_distance: int) -> dict:
-    """A variant's config overrides (from `scheme_variants`) plus its scheme's `horizon(max_distance)`."""
-    return overrides | POSITION_SCHEMES[overrides["position_embedding_type"]].horizon(max_distance)
-
-
-def scheme_variants(featured_only: bool = False) -> dict[str, dict]:
-    """`{variant name: config overrides}` of every scheme with the settings of tiny models (the tests' table), or with
-    `featured_only` of each plain scheme and its featured variants at the config's defaults (the demo's and the
-    benchmarks', which set `relative_attention_max_distance` themselves)."""
-    return {
-        name: overrides
-        for scheme in POSITION_SCHEMES.values()
-        for name, overrides in scheme.named_variants(tiny=not featured_only).items()
-        if not featured_only or name == scheme.name or name in scheme.featured_variants
-    }

@@ -14,14 +14,22 @@ from transformers import DynamicCache
 import hf_relformer  # noqa: F401  (registers the Auto classes)
 from hf_relformer import RelformerConfig, RelformerForCausalLM, RelformerForConditionalGeneration, RelformerModel
 from hf_relformer.attention_relformer import AttentionMask, repeat_kv
-from hf_relformer.positions_relformer import POSITION_SCHEMES, PositionScheme, scheme_variants
+from hf_relformer.positions_relformer import POSITION_SCHEMES, PositionScheme
+from hf_relformer.variants import scheme_variants
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("RELFORMER_ASSETS", REPO_ROOT / "assets"))
 
+# Settings that tiny models need for a scheme (T5's default 16 buckets up to distance 16 would put every test
+# distance in an exact bucket: 8 buckets up to 12 reach the log-spaced ones).
+TINY_SETTINGS = {"t5": {"relative_attention_num_buckets": 8, "relative_attention_max_distance": 12}}
+
 # Every position scheme and its named variants (relative: keys / keys+values, shared / per-head), as config
-# overrides, from the registry.
-SCHEMES = scheme_variants()
+# overrides, from the registry, with the settings of tiny models.
+SCHEMES = {
+    name: overrides | TINY_SETTINGS.get(overrides["position_embedding_type"], {})
+    for name, overrides in scheme_variants().items()
+}
 
 
 def tiny_config(**overrides) -> RelformerConfig:

@@ -7,14 +7,8 @@ from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from hf_relformer import RelformerConfig, RelformerModel, attention_relformer
-from hf_relformer.positions_relformer import (
-    POSITION_SCHEMES,
-    DistanceGrid,
-    alibi_slopes,
-    scheme_variants,
-    t5_relative_position_bucket,
-    with_horizon,
-)
+from hf_relformer.positions_relformer import DistanceGrid, alibi_slopes, t5_relative_position_bucket
+from hf_relformer.variants import scheme_variants, with_horizon
 
 from helpers import SCHEMES, scheme_of, tiny_config, tiny_lm, tiny_seq2seq
 
@@ -78,7 +72,10 @@ def test_every_scheme_takes_the_demos_horizon_and_t5_clips_there(max_distance):
     for overrides in scheme_variants(featured_only=True).values():
         RelformerConfig(**with_horizon(overrides, max_distance))  # raises for a scheme the knob cannot set up
     t5 = with_horizon({"position_embedding_type": "t5"}, max_distance)
-    assert POSITION_SCHEMES["relative"].horizon(max_distance) == {"relative_attention_max_distance": max_distance}
+    assert with_horizon({"position_embedding_type": "relative"}, max_distance)["relative_attention_max_distance"] == (
+        max_distance
+    )
+    assert with_horizon({"position_embedding_type": "alibi"}, max_distance) == {"position_embedding_type": "alibi"}
     buckets = t5_relative_position_bucket(
         -torch.arange(4 * max_distance), False, t5["relative_attention_num_buckets"], max_distance
     )

@@ -140,6 +140,23 @@ def test_positions_reinitialised_as_relative_for_fine_tuning(gpt2_folder, tmp_pa
     assert "re-initialised" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_every_setting_of_the_new_scheme_is_a_flag_and_other_schemes_settings_are_refused(gpt2_folder, tmp_path):
+    """The position flags come from the schemes' `settings`: a switch of the new scheme is set; a setting the scheme
+    does not read is a clear error that names it, and nothing is written."""
+    converted(
+        "gpt2", gpt2_folder, tmp_path / "out", "--position-embedding-type", "relative", "--relative-attention-values"
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    position = model.model.layers[0].self_attn.position
+    assert model.config.relative_attention_values and position.relative_value_table.shape == (17, 16)
+    with pytest.raises(conversion.ConversionError, match=r"num_buckets is not a setting of .*learned"):
+        conversion.convert(
+            "gpt2", gpt2_folder, tmp_path / "o2",
+            conversion.Options(position_settings={"relative_attention_num_buckets": 8}, progress=False),
+        )  # fmt: skip
+    assert not (tmp_path / "o2").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # BERT
 # ---------------------------------------------------------------------------------------------------------------
