@@ -296,6 +296,29 @@ class RelformerConfig(PreTrainedConfig):
         return "decoder-only" if self.is_decoder else "encoder"
 
     @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under `torchrun`): each attention's q/k/v
+        projections sharded by heads (column-wise) and its output projection row-wise, the feed-forward likewise;
+        per-layer position tables are replicated (each rank reads its heads' rows) and their gradients all-reduced, as
+        are the stack's (T5's table)."""
+        stacks = ("encoder.", "decoder.") if self.is_encoder_decoder else ("",)
+        attentions = ["self_attn"] + (["cross_attn"] if self.is_encoder_decoder else [])
+        projections = ("up_proj", "gate_proj") if self.feed_forward_type == "gated" else ("up_proj",)
+        plan = {}
+        for stack in stacks:
+            layer = f"{stack}layers.*."
+            for attention in attentions if stack != "encoder." else ["self_attn"]:
+                plan |= {f"{layer}{attention}.{name}_proj": "colwise" for name in "qkv"}
+                plan[f"{layer}{attention}.o_proj"] = "rowwise"
+            plan |= {f"{layer}mlp.{name}": "colwise" for name in projections}
+            plan[f"{layer}mlp.down_proj"] = "rowwise"
+            parts = {"attention": f"{layer}self_attn.position", "stack": f"{stack}embed_positions"}
+            for name in self.position_scheme.per_head_modules:
+                part, _, child = name.partition(".")
+                plan[parts[part] + (f".{child}" if child else "")] = "replicated_with_grad_allreduce"
+        return plan
+
+    @property
     def position_scheme(self):
         """The `PositionScheme` of `position_embedding_type` (see `positions_relformer.POSITION_SCHEMES`)."""
         return POSITION_SCHEMES[self.position_embedding_type]

@@ -663,6 +663,7 @@ class RelformerForCausalLM(RelformerPreTrainedModel, GenerationMixin):
     """Decoder-only Relformer with a language-modelling head (tied to the token embeddings by default)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # with the base model's config.base_model_tp_plan
 
     def __init__(self, config: RelformerConfig):
         _require_form(config, type(self).__name__, "decoder-only")
@@ -732,6 +733,7 @@ class RelformerForConditionalGeneration(RelformerPreTrainedModel, GenerationMixi
     """Encoder-decoder Relformer with a language-modelling head: the Transformer of Vaswani et al. (2017)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.encoder.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # with the base model's config.base_model_tp_plan
 
     def __init__(self, config: RelformerConfig):
         _require_form(config, type(self).__name__, "encoder-decoder")
@@ -817,6 +819,7 @@ class RelformerForMaskedLM(RelformerPreTrainedModel):
     """Encoder Relformer with a masked-language-modelling head (decoder tied to the token embeddings)."""
 
     _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head.decoder": "colwise_gather_output"}  # with the base model's config.base_model_tp_plan
 
     def __init__(self, config: RelformerConfig):
         _require_form(config, type(self).__name__, "encoder")

@@ -370,7 +370,7 @@ class ShawRelativeAttention(NoAttentionPositions):
             if config.relative_attention_per_head
             else (rows, config.head_dim)
         )
-        self.per_head = config.relative_attention_per_head
+        self.per_head, self.num_heads = config.relative_attention_per_head, config.num_attention_heads
         self.key_query = config.relative_attention_key_query
         self.max_distance, self.causal = k, causal
         self.scaling = attention_scaling(config)
@@ -380,16 +380,31 @@ class ShawRelativeAttention(NoAttentionPositions):
     def forward(self, query, key, grid) -> ShawTerms:
         """query `[B, H, Lq, D]`, all keys `[B, H_kv, Lk, D]` and the stack's bucket-index `DistanceGrid` -> the keys
         term's products with the tables `[B, H, L, R]` (scaled), from which every block's bias is gathered."""
-        query_scores = table_product(query, self.relative_key_table, self.per_head) * self.scaling
+        key_table, value_table = self.relative_key_table, self.relative_value_table
+        if self.per_head:  # this rank's heads under tensor parallelism
+            heads = local_heads(query, self.num_heads)
+            key_table, value_table = key_table[heads], None if value_table is None else value_table[heads]
+        query_scores = table_product(query, key_table, self.per_head) * self.scaling
         key_scores = None
         if self.key_query:
-            key_scores = table_product(key, self.relative_key_table, self.per_head) * self.scaling
-        return self.terms(self, query, key, grid, query_scores, key_scores, self.relative_value_table)
+            key_scores = table_product(key, key_table, self.per_head) * self.scaling
+        return self.terms(self, query, key, grid, query_scores, key_scores, value_table)
 
 
 def attention_scaling(config) -> float:
     """The factor of the attention scores: `head_dim**-0.5`, or 1 with `scale_attention_scores=False` (T5)."""
     return config.head_dim**-0.5 if getattr(config, "scale_attention_scores", True) else 1.0
+
+
+def local_heads(query: torch.Tensor, total: int) -> slice:
+    """Which of the model's `total` heads `query [B, H, Lq, D]` holds: all of them, or under tensor parallelism
+    (q/k/v sharded by heads, transformers' `tp_plan`) this rank's contiguous share, the tensor-parallel rank being
+    the innermost index of the process mesh (`rank % shards`), as transformers lays its mesh out."""
+    heads = query.shape[1]
+    if heads == total:
+        return slice(None)
+    shard = torch.distributed.get_rank() % (total // heads)
+    return slice(shard * heads, (shard + 1) * heads)
 
 
 def table_product(query: torch.Tensor, table: torch.Tensor, per_head: bool) -> torch.Tensor:
@@ -431,15 +446,15 @@ class GridTerms(PositionTerms):
 
     adds_bias = True
 
-    def __init__(self, grid, dtype: torch.dtype):
-        self.grid, self.dtype = grid, dtype
+    def __init__(self, grid, dtype: torch.dtype, heads: slice = slice(None)):
+        self.grid, self.dtype, self.heads = grid, dtype, heads  # heads: this rank's, under tensor parallelism
 
     def bias(self, start, stop, key_stop):
-        return self.grid.block(start, stop, key_stop).to(self.dtype)[None]  # [1, H, rows, keys]
+        return self.grid.block(start, stop, key_stop)[self.heads].to(self.dtype)[None]  # [1, H, rows, keys]
 
     def score_mod(self):
         """Adds the bias of each pair's distance, read from the grid's `[H, 2·Lk - 1]` line."""
-        grid, bias = self.grid, self.grid.line()[:, 0].to(self.dtype)
+        grid, bias = self.grid, self.grid.line()[self.heads, 0].to(self.dtype)
 
         def add_bias(score, b, h, q_idx, kv_idx):
             return score + bias[h, grid.line_index(q_idx, kv_idx)].to(score.dtype)
@@ -453,8 +468,12 @@ class GridBias(NoAttentionPositions):
 
     terms = GridTerms
 
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.num_heads = config.num_attention_heads
+
     def forward(self, query, key, grid) -> GridTerms:
-        return self.terms(grid, query.dtype)
+        return self.terms(grid, query.dtype, local_heads(query, self.num_heads))
 
 
 def t5_relative_position_bucket(
@@ -552,6 +571,9 @@ class PositionScheme:
     sizes: tuple[str, ...] = ()  # positive-integer config fields it reads (the config checks them)
     switches: tuple[str, ...] = ()  # boolean config fields it reads; True needs this scheme
     parameter_names: tuple[str, ...] = ()  # fragments of the names of its tensors (for conversion)
+    # its modules whose parameters attention reads by head, named from its parts ("attention", "stack.<child>"):
+    # tensor parallelism replicates them (each rank reads its heads' rows) and sums their gradients over the ranks
+    per_head_modules: tuple[str, ...] = ()
     translation_invariant = False  # the outputs depend only on distances: shifting every position changes nothing
     absolute = False  # positions come from `position_ids` (so those change the outputs)
 
@@ -610,6 +632,7 @@ class RelativeScheme(PositionScheme):
     sizes = ("relative_attention_max_distance",)
     switches = ("relative_attention_values", "relative_attention_per_head", "relative_attention_key_query")
     parameter_names = (".position.relative_",)
+    per_head_modules = ("attention",)
     translation_invariant = True
 
     def check(self, config) -> None:
@@ -720,6 +743,7 @@ class T5Scheme(PositionScheme):
     attention_part = GridBias
     sizes = ("relative_attention_num_buckets", "relative_attention_max_distance")
     parameter_names = ("embed_positions.relative_attention_bias.",)
+    per_head_modules = ("stack.relative_attention_bias",)
     translation_invariant = True
 
     def check(self, config) -> None:
