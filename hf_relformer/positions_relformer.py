@@ -21,6 +21,7 @@ Adding a scheme means writing its parts, one `PositionScheme` subclass and one e
 This file is shipped with every saved checkpoint (remote code): it imports only torch and transformers.
 """
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -207,6 +208,12 @@ class DistanceGrid:
         """`[..., stop - start, key_stop]`: queries start..stop-1 of this forward against keys 0..key_stop-1."""
         index = self.whole[..., start:stop, :key_stop] if self.whole is not None else self._build(start, stop, key_stop)
         return index if self.lookup is None else self.lookup(index)
+
+    def with_lookup(self, lookup: Callable) -> "DistanceGrid":
+        """This grid read through another `lookup` (a layer's own parameters), sharing what is built."""
+        grid = copy.copy(self)
+        grid.lookup = lookup
+        return grid
 
     def line(self) -> torch.Tensor:
         """The transform of every distance a query-key pair of this forward can have, `-(Lk - 1) .. Lk - 1`, as one row
@@ -556,6 +563,39 @@ class AlibiSlopes(DistanceGridPositions):
         return -slopes[:, None, None] * distance.abs()
 
 
+class Distances(DistanceGridPositions):
+    """The stack part of a scheme whose layers turn the distances into a bias with parameters of their own: the
+    distances `j - i` `[rows, keys]` themselves."""
+
+    def transform(self, distance: torch.Tensor) -> torch.Tensor:
+        return distance
+
+
+class KerpleBias(NoAttentionPositions):
+    """KERPLE's logarithmic kernel (Chi et al. 2022) in one layer: the bias `-r1·log(1 + r2·|j - i|)` with `r1`
+    (`kerple_power`) and `r2` (`kerple_scale`) learned per head, clamped at `EPS` from below as the paper's code does.
+    The paper defines it with `|j - i|`: a causal stack sees `j <= i`, an encoder both sides (the symmetric form)."""
+
+    terms = GridTerms
+    EPS = 1e-2
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.num_heads = config.num_attention_heads
+        self.kerple_power = nn.Parameter(torch.empty(self.num_heads))
+        self.kerple_scale = nn.Parameter(torch.empty(self.num_heads))
+
+    def forward(self, query, key, grid) -> GridTerms:
+        heads = local_heads(query, self.num_heads)  # this rank's, under tensor parallelism
+        power = self.kerple_power[heads].float().clamp(min=self.EPS)[:, None, None]
+        scale = self.kerple_scale[heads].float().clamp(min=self.EPS)[:, None, None]
+
+        def kernel(distance: torch.Tensor) -> torch.Tensor:  # [rows, keys] -> [H, rows, keys]
+            return -power * torch.log1p(scale * distance.abs())
+
+        return self.terms(grid.with_lookup(kernel), query.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The schemes
 # ---------------------------------------------------------------------------------------------------------------
@@ -783,6 +823,25 @@ class AlibiScheme(PositionScheme):
             init.copy_(module.slopes, alibi_slopes(module.num_heads))
 
 
+class KerpleScheme(PositionScheme):
+    """Chi et al. 2022 (KERPLE, its log variant): a learned kernel of the distance per head and layer."""
+
+    name = "kerple"
+    stack_part = Distances
+    attention_part = KerpleBias
+    parameter_names = (".position.kerple_",)
+    per_head_modules = ("attention",)
+    translation_invariant = True
+
+    def card_settings(self, config) -> str:
+        return "-r1·log(1 + r2·|i - j|), r1 and r2 learned per head and layer"
+
+    def init_weights(self, module: nn.Module, std: float) -> None:
+        if isinstance(module, KerpleBias):  # as the paper's code: r1 ~ U(0, 2), r2 ~ U(0, 1)
+            init.uniform_(module.kerple_power, 0.0, 2.0)
+            init.uniform_(module.kerple_scale, 0.0, 1.0)
+
+
 class NoPositionScheme(PositionScheme):
     """Haviv et al. 2022: no positions (causal masking alone)."""
 
@@ -804,5 +863,6 @@ POSITION_SCHEMES: dict[str, PositionScheme] = {
         NoPositionScheme(),
         T5Scheme(),
         AlibiScheme(),
+        KerpleScheme(),
     )
 }

@@ -67,6 +67,26 @@ def test_alibi_bias_is_minus_slope_times_distance(causal):
     torch.testing.assert_close(grid.block(0, 4, 7), -slopes[:, None, None] * distance.abs())
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_kerple_bias_is_its_log_kernel_of_the_distance_in_every_layer(causal):
+    """Every query-key pair, past keys included: `-r1·log(1 + r2·|j - i|)` with each layer's own r1, r2 per head
+    (clamped at 0.01), initialised as the paper's code (r1 in [0, 2), r2 in [0, 1))."""
+    model = RelformerModel(tiny_config(**SCHEMES["kerple"], is_decoder=causal))
+    _, grid = model.embed_positions(torch.zeros(1, 4, 32), None, 3, 7)  # queries at 3..6, keys at 0..6
+    distance = torch.arange(7)[None] - torch.arange(3, 7)[:, None]
+    biases = []
+    for layer in model.layers:
+        part = layer.self_attn.position
+        assert ((part.kerple_power >= 0) & (part.kerple_power < 2)).all() and (part.kerple_scale < 1).all()
+        with torch.no_grad():
+            part.kerple_scale[0] = -1.0  # clamped to 0.01
+        power, scale = part.kerple_power.detach().clamp(min=0.01), part.kerple_scale.detach().clamp(min=0.01)
+        expected = -power[:, None, None] * torch.log1p(scale[:, None, None] * distance.abs())
+        biases.append(part(torch.zeros(1, 4, 4, 8), torch.zeros(1, 4, 7, 8), grid).bias(0, 4, 7)[0])
+        torch.testing.assert_close(biases[-1], expected)
+    assert not torch.allclose(biases[0], biases[1])  # each layer its own kernel
+
+
 @pytest.mark.parametrize("max_distance", [4, 8, 16, 64])
 def test_every_scheme_takes_the_demos_horizon_and_t5_clips_there(max_distance):
     for overrides in scheme_variants(featured_only=True).values():
