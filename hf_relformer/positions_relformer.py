@@ -178,6 +178,43 @@ class RotaryAttentionPositions(NoAttentionPositions):
         return query, key
 
 
+class XposPositions(RotaryPositions):
+    """xPos's stack part (Sun et al. 2023): rotary's cos/sin, and in a causal stack the decay `ζ^(n/γ)` `[B or 1,
+    L, head_dim]` of each position n, per dimension pair i: `ζ_i = (2i/D + 0.4) / 1.4`, `γ = SCALE_BASE`. Queries are
+    multiplied by it and keys divided, so `q_n·k_m` carries `ζ^((n - m)/γ)`: a decay with the distance, whatever
+    position the cache starts from. Uncentred positions keep that exact with a cache; in fp32 `ζ^(n/γ)` stays in range
+    up to about 20k positions. A bidirectional stack (an encoder-decoder's encoder) rotates only: the decay of a key
+    after the query would grow."""
+
+    SCALE_BASE = 512  # γ, the paper's
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.decay = causal
+
+    def forward(self, inputs_embeds, position_ids, past_length, key_length):
+        cos, sin = self.cos_sin(inputs_embeds, position_ids)
+        if not self.decay:
+            return inputs_embeds, (cos, sin, None)
+        dim = self.config.head_dim
+        zeta = (torch.arange(0, dim, 2, device=inputs_embeds.device, dtype=torch.float) + 0.4 * dim) / (1.4 * dim)
+        scale = zeta ** (position_ids[..., None].float() / self.SCALE_BASE)  # [B or 1, L, D/2]
+        return inputs_embeds, (cos, sin, torch.cat((scale, scale), dim=-1))
+
+
+class XposAttentionPositions(RotaryAttentionPositions):
+    """Rotates queries and keys as rotary does, then scales queries by xPos's decay and divides keys by it (before
+    the cache update)."""
+
+    def before_cache(self, query, key, layer_inputs):
+        cos, sin, scale = layer_inputs
+        query, key = super().before_cache(query, key, (cos, sin))
+        if scale is None:
+            return query, key
+        scale = scale.unsqueeze(1)  # [B or 1, 1, L, D]
+        return (query.float() * scale).to(query.dtype), (key.float() / scale).to(key.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shaw relative positions
 # ---------------------------------------------------------------------------------------------------------------
@@ -775,6 +812,32 @@ class RotaryScheme(PositionScheme):
             init.copy_(module.original_inv_freq, inv_freq)
 
 
+class XposScheme(RotaryScheme):
+    """Sun et al. 2023 (xPos, "A Length-Extrapolatable Transformer"): rotary with a per-dimension exponential decay
+    of the distance; causal (decoder-only, and an encoder-decoder's decoder; its encoder rotates only)."""
+
+    name = "xpos"
+    stack_part = XposPositions
+    attention_part = XposAttentionPositions
+
+    def check(self, config) -> None:
+        super().check(config)
+        if not config.is_decoder and not config.is_encoder_decoder:
+            raise ValueError(
+                "position_embedding_type='xpos' is causal: its decay ζ^((n - m)/γ) grows without bound for keys after "
+                "the query, so an encoder (is_decoder=False) cannot use it. Use 'rotary' (xPos without the decay) or "
+                "an encoder-decoder, whose decoder gets xPos."
+            )
+        if config.rope_parameters.get("rope_type", "default") != "default":
+            raise ValueError(
+                "position_embedding_type='xpos' takes rope_parameters with rope_type 'default' (its own decay "
+                f"replaces the scaling types), got {config.rope_parameters.get('rope_type')!r}."
+            )
+
+    def card_settings(self, config) -> str:
+        return f"θ = {config.rope_parameters.get('rope_theta')}, decay ζ^((n - m)/{XposPositions.SCALE_BASE})"
+
+
 class T5Scheme(PositionScheme):
     """Raffel et al. 2020 (T5): a learned scalar per head and log-spaced distance bucket."""
 
@@ -864,5 +927,6 @@ POSITION_SCHEMES: dict[str, PositionScheme] = {
         T5Scheme(),
         AlibiScheme(),
         KerpleScheme(),
+        XposScheme(),
     )
 }

@@ -57,6 +57,27 @@ def scheme_of(variant: str) -> PositionScheme:
     return POSITION_SCHEMES[SCHEMES[variant]["position_embedding_type"]]
 
 
+def builds(**overrides) -> bool:
+    """Whether a tiny config with these overrides can be built (xPos is causal: it has no encoder form)."""
+    try:
+        tiny_config(**overrides)
+    except ValueError:
+        return False
+    return True
+
+
+# The variants whose scheme has an encoder form (is_decoder=False)
+ENCODER_SCHEMES = [name for name in SCHEMES if builds(**SCHEMES[name], is_decoder=False)]
+
+
+def skip_without_encoder(variant: str) -> None:
+    """Skip a test of the encoder form for a variant that has none (its refusal is tested in test_config.py)."""
+    if variant not in ENCODER_SCHEMES:
+        import pytest
+
+        pytest.skip(f"{variant} has no encoder form")
+
+
 # The variants that run SDPA attention (the others, eager alone)
 SDPA_SCHEMES = [name for name in SCHEMES if "sdpa" in scheme_of(name).backends(tiny_config(**SCHEMES[name]))]
 

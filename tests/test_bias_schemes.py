@@ -102,3 +102,22 @@ def test_every_scheme_takes_the_demos_horizon_and_t5_clips_there(max_distance):
     assert (buckets[max_distance - 1 :] == max_distance - 1).all()  # one bucket for every distance from k - 1 on
     assert (buckets[: max_distance // 2] == torch.arange(max_distance // 2)).all()  # exact below k / 2
     assert len(set(buckets[:max_distance].tolist())) >= 0.9 * max_distance  # and nearly one per distance below k
+
+
+def test_xpos_scores_are_rotary_scores_decayed_per_dimension_by_the_distance():
+    """q_n·k_m after xPos == Σ_d (R_n q)_d (R_m k)_d ζ_d^((n - m)/512), with Sun et al.'s ζ_i = (2i + 0.4·D) / (1.4·D)
+    (torchscale's `xpos.py`) and R the rotary rotation of each position; keys from a cache (positions 0..9)."""
+    model = RelformerModel(tiny_config(**SCHEMES["xpos"], num_hidden_layers=1))
+    rotary = RelformerModel(tiny_config(**SCHEMES["rotary"], num_hidden_layers=1))
+    dim, positions = model.config.head_dim, torch.arange(10)[None]
+    query, key = torch.randn(2, 1, 10, dim), torch.randn(2, 1, 10, dim)
+    _, xpos_inputs = model.embed_positions(torch.zeros(1, 10, 32), positions * 300, 0, 10)  # far: a strong decay
+    _, rotary_inputs = rotary.embed_positions(torch.zeros(1, 10, 32), positions * 300, 0, 10)
+    q, k = model.layers[0].self_attn.position.before_cache(query, key, xpos_inputs)
+    rq, rk = rotary.layers[0].self_attn.position.before_cache(query, key, rotary_inputs)
+    zeta = (torch.arange(0, dim, 2) + 0.4 * dim) / (1.4 * dim)
+    distance = (positions[0, :, None] - positions[0, None, :]) * 300  # n - m
+    decay = torch.cat((zeta, zeta))[:, None, None] ** (distance / 512)  # [D, n, m]
+    expected = torch.einsum("bhnd,bhmd,dnm->bhnm", rq, rk, decay)
+    torch.testing.assert_close(q @ k.transpose(-1, -2), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, rq @ rk.transpose(-1, -2), atol=1e-2)  # the decay is not negligible here

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoConfig
 
 import hf_relformer
-from hf_relformer import RelformerConfig
+from hf_relformer import RelformerConfig, RelformerModel
 from hf_relformer.configuration_relformer import CODE_VERSION_KEY
 from hf_relformer.positions_relformer import POSITION_SCHEMES
 
@@ -86,7 +86,7 @@ def test_positional_arguments_are_rejected():
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"position_embedding_type": "xpos"}, "position_embedding_type"),
+        ({"position_embedding_type": "rope"}, "position_embedding_type"),
         ({"hidden_size": 30, "num_attention_heads": 4}, "hidden_size"),
         ({"num_attention_heads": 4, "num_key_value_heads": 3}, "num_key_value_heads"),
         ({"relative_attention_max_distance": 0}, "relative_attention_max_distance"),
@@ -166,7 +166,7 @@ def test_a_field_changed_after_construction_is_checked_when_a_model_is_built(tmp
     with pytest.raises(ValueError, match="relative_attention_max_distance"):
         RelformerForCausalLM(config)
     config = tiny_config()
-    config.position_embedding_type = "xpos"
+    config.position_embedding_type = "rope"
     with pytest.raises(ValueError, match="position_embedding_type"):
         config.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()  # nothing written
@@ -277,3 +277,13 @@ def test_readme_lists_every_position_scheme():
     table = readme[readme.index("| `position_embedding_type` |") :].split("\n\n")[0]
     for name in POSITION_SCHEMES:
         assert f"| `{name}`" in table, name
+
+
+def test_xpos_refuses_an_encoder_and_the_scaling_rope_types_with_the_reason():
+    with pytest.raises(ValueError, match=r"'xpos' is causal: its decay .* grows without bound"):
+        RelformerConfig(position_embedding_type="xpos", is_decoder=False)
+    with pytest.raises(ValueError, match="rope_type 'default'"):
+        RelformerConfig(position_embedding_type="xpos", rope_parameters={"rope_type": "linear", "factor": 2.0})
+    config = RelformerConfig(position_embedding_type="xpos", is_encoder_decoder=True)  # the decoder gets xPos
+    model = RelformerModel(config)
+    assert model.decoder.embed_positions.decay and not model.encoder.embed_positions.decay

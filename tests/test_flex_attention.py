@@ -18,7 +18,7 @@ from hf_relformer.attention_relformer import AttentionMask, run_flex_attention
 from hf_relformer.modeling_relformer import cache_of
 from hf_relformer.positions_relformer import DistanceGrid, RelativeBuckets, ShawRelativeAttention, relative_values_term
 
-from helpers import SCHEMES, redraw_weights, tiny_config, tiny_lm, tiny_seq2seq
+from helpers import SCHEMES, redraw_weights, skip_without_encoder, tiny_config, tiny_lm, tiny_seq2seq
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -35,6 +35,7 @@ def one_layer_lm(scheme: str, **overrides):
 
 
 def one_layer_encoder(scheme: str, **overrides) -> RelformerModel:
+    skip_without_encoder(scheme)
     torch.manual_seed(0)
     config = tiny_config(**SCHEMES[scheme], is_decoder=False, num_hidden_layers=1, **overrides)
     return redraw_weights(RelformerModel(config))

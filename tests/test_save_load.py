@@ -20,7 +20,16 @@ from hf_relformer import (
 )
 from hf_relformer.checkpoint import MODEL_CODE
 
-from helpers import REPO_ROOT, SCHEMES, redraw_weights, run_remote_code, tiny_config, tiny_lm, tiny_seq2seq
+from helpers import (
+    REPO_ROOT,
+    SCHEMES,
+    redraw_weights,
+    run_remote_code,
+    skip_without_encoder,
+    tiny_config,
+    tiny_lm,
+    tiny_seq2seq,
+)
 
 IDS = torch.tensor([[5, 17, 33, 8, 41, 12, 7, 19]])
 
@@ -76,6 +85,7 @@ def test_backbone_and_head_checkpoints_load_into_each_other(tmp_path):
 
 
 def tiny_encoder(head, scheme: str = "relative"):
+    skip_without_encoder(scheme)
     torch.manual_seed(0)
     return redraw_weights(head(tiny_config(**SCHEMES[scheme], is_decoder=False)))
 
