@@ -160,6 +160,10 @@ class RelformerAttention(nn.Module):
     no position term (as in Shaw et al.).
     """
 
+    # DeepSpeed ZeRO-3: a leaf module, whose parameters (the position tables too) are gathered for its whole forward
+    # and backward; the scheme's terms read the tables after the position module's forward has returned.
+    _z3_leaf = True
+
     def __init__(self, config: RelformerConfig, layer_idx: int, is_causal: bool, is_cross_attention: bool = False):
         super().__init__()
         self.config = config

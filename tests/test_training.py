@@ -1,11 +1,6 @@
 """Training and placement: Trainer's gradient accumulation, label smoothing, activation checkpointing and resume;
-Accelerate device_map offload to CPU and disk; two-process data-parallel training; bf16 autocast."""
+Accelerate device_map offload to CPU and disk; bf16 autocast. (Several processes: test_multiprocess.py.)"""
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +9,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_relformer import RelformerForCausalLM
 
-from helpers import REPO_ROOT, tiny_lm, tiny_seq2seq
+from helpers import tiny_lm, tiny_seq2seq
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -192,126 +187,3 @@ def test_meta_device_and_low_memory_loading(tmp_path):
     ids = torch.tensor([[5, 9, 3, 17, 4]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Two processes, data parallel
-# ---------------------------------------------------------------------------------------------------------------
-
-DDP_SCRIPT = """
-import json, os, sys
-import torch
-from transformers import Trainer, TrainingArguments
-sys.path.insert(0, sys.argv[2])
-from helpers import tiny_lm
-from test_training import TokenDataset, arguments
-output, per_device = sys.argv[1], int(sys.argv[3])
-model = tiny_lm("relative")
-dataset = TokenDataset(count=8, ragged=False)  # one step = the whole dataset: no sampler-order difference
-ddp = {"ddp_backend": "gloo"} if "WORLD_SIZE" in os.environ else {}
-args = arguments(output, per_device_train_batch_size=per_device, max_steps=3, **ddp)
-Trainer(model=model, args=args, train_dataset=dataset).train()
-import torch.distributed as dist
-rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-torch.save(model.state_dict(), f"{output}/rank{rank}.pt")
-"""
-
-
-def test_two_process_data_parallel_training_matches_one_process(tmp_path):
-    script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT)
-    tests_dir = str(REPO_ROOT / "tests")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with socket.socket() as probe:  # a free port for the rendezvous (torchrun's port 0 waits forever)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-        str(script),
-    ]
-    result = subprocess.run(
-        [*command, str(tmp_path / "ddp"), tests_dir, "4"], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    single = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "single"), tests_dir, "8"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-4000:]
-    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    reference = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
-    initial = tiny_lm("relative").state_dict()
-    assert max(float((reference[n] - initial[n]).abs().max()) for n in reference) > 1e-3
-    for name in reference:
-        assert torch.equal(rank0[name], rank1[name]), name
-    assert_same_weights(rank0, reference, atol=1e-5)
-    assert json.dumps(sorted(rank0)) == json.dumps(sorted(reference))
-
-
-FSDP_SCRIPT = """
-import os, sys
-import torch
-import torch.distributed as dist
-sys.path.insert(0, sys.argv[2])
-from helpers import tiny_lm
-from test_training import TokenDataset
-output = sys.argv[1]
-model = tiny_lm("relative").train()
-examples = TokenDataset(count=8, ragged=False).examples
-batch = {name: torch.stack([example[name] for example in examples]) for name in examples[0]}
-rank = 0
-if "WORLD_SIZE" in os.environ:  # FSDP2: each RelformerLayer sharded on its own, then the rest
-    from torch.distributed.fsdp import fully_shard
-    from hf_relformer.modeling_relformer import RelformerLayer
-    dist.init_process_group("gloo")
-    for module in model.modules():
-        if isinstance(module, RelformerLayer):
-            fully_shard(module)
-    fully_shard(model)
-    rank = dist.get_rank()
-    assert all(type(p).__name__ == "DTensor" for p in model.parameters())
-    batch = {name: value[4 * rank : 4 * rank + 4] for name, value in batch.items()}
-optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-for _ in range(3):
-    model(**batch).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-state = {k: getattr(v, "full_tensor", lambda: v)().detach().clone() for k, v in model.state_dict().items()}
-torch.save(state, f"{output}/rank{rank}.pt")
-"""
-
-
-def test_two_process_fully_sharded_training_matches_one_process(tmp_path):
-    """FSDP2 (`fully_shard`, one unit per RelformerLayer) over two CPU processes (gloo) ends with the weights of one
-    process on the whole batch. (Trainer's `fsdp=` cannot be tested here: Accelerate turns its FSDP plugin on only for
-    accelerator devices and trains CPU processes with plain DDP, which the test above covers.)"""
-    script = tmp_path / "fsdp_train.py"
-    script.write_text(FSDP_SCRIPT)
-    tests_dir = str(REPO_ROOT / "tests")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    (tmp_path / "fsdp").mkdir()
-    (tmp_path / "single").mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    result = subprocess.run([*command, str(script), str(tmp_path / "fsdp"), tests_dir], capture_output=True,
-                            text=True, env=env, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single"), tests_dir], capture_output=True,
-                            text=True, env=env, timeout=300)  # fmt: skip
-    assert single.returncode == 0, single.stderr[-4000:]
-    rank0, rank1 = (torch.load(tmp_path / "fsdp" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    reference = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
-    initial = tiny_lm("relative").state_dict()
-    assert max(float((reference[n] - initial[n]).abs().max()) for n in reference) > 1e-3
-    for name in reference:
-        assert torch.equal(rank0[name], rank1[name]), name
-    assert_same_weights(rank0, reference, atol=1e-4)
