@@ -1,11 +1,13 @@
-"""The performance comparisons P1-P7 of the developers' performance notes, measured side by side in one run.
+"""The performance comparisons P1-P7 of the developers' performance notes, measured side by side in one run, and the
+deployment ones: P10 (compiled static-cache decoding) and P11 (int8 weights).
 
     python -m benchmarks [--quick] [--only P1,P4] [--output benchmarks/results.json] [--threads 2]
 
 Every time is the median of interleaved runs (A B A B ..., after a warm-up) of the two sides in this process, with
-the same shapes, dtype (fp32) and thread count; every memory figure is the growth of the peak resident set size
-while one forward (or forward+backward) runs, in a fresh subprocess per case. Prints a table
-`id, what, ours, theirs, ratio, target, ok` and writes the same rows as JSON.
+the same shapes, dtype (fp32 unless a row says int8) and thread count; every memory figure is the growth of the peak
+resident set size while one forward (or forward+backward) runs, in a fresh subprocess per case. Prints a table
+`id, what, ours, theirs, ratio, target, ok` and writes the same rows as JSON. `--only` replaces the rows of its cases
+in the output file and keeps the others (a file of the other mode, full or --quick, is refused).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +31,8 @@ from transformers import (
     BartForConditionalGeneration,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -63,14 +68,17 @@ class Row:
     theirs: float
     unit: str
     ratio: float
-    target: str  # "<= x": ours/theirs at most x; ">= x": at least x
-    ok: bool
+    target: str  # "<= x": ours/theirs at most x; ">= x": at least x; "report": a figure to report, no target
+    ok: bool | None  # None for "report"
 
 
 def make_row(case_id: str, what: str, ours: float, theirs: float, unit: str, target: str) -> Row:
     ratio = ours / theirs
-    bound = float(target.split()[1])
-    ok = ratio <= bound if target.startswith("<=") else ratio >= bound
+    if target == "report":
+        ok = None
+    else:
+        bound = float(target.split()[1])
+        ok = ratio <= bound if target.startswith("<=") else ratio >= bound
     return Row(case_id, what, round(ours, 6), round(theirs, 6), unit, round(ratio, 3), target, ok)
 
 
@@ -117,6 +125,19 @@ def gpt2_lm(shape: dict) -> GPT2LMHeadModel:
         eos_token_id=2,
     )
     return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa").eval()
+
+
+def llama_lm(shape: dict) -> LlamaForCausalLM:
+    """transformers' Llama of the same shape (hidden size, layers, heads, MLP size, vocabulary) and fp32, its output
+    layer tied to the embeddings as Relformer's is. Its MLP is gated (3 matrices where Relformer's default has 2),
+    RMSNorm and no biases: Llama's own architecture, not a copy of ours."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"], intermediate_size=shape["intermediate_size"],
+        max_position_embeddings=8192, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
 
 
 def relformer_seq2seq(shape: dict) -> RelformerForConditionalGeneration:
@@ -197,6 +218,23 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, **kwargs)
         assert out.shape[1] >= new_tokens
 
     return step
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with its forward compiled whole, as README's "compiled decoding" does (with a static cache)."""
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    return model
+
+
+def no_recompile(step: Callable[[], None]) -> Callable[[], None]:
+    """`step`, failing if torch.compile compiles anything while it runs: a timed run of a compiled model must reuse
+    the graphs of its warm-up (a recompile, or a fallback to eager after too many, would be timed instead)."""
+
+    def run() -> None:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            step()
+
+    return run
 
 
 def token_ids(batch: int, length: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
@@ -401,6 +439,76 @@ def p7_seq2seq(settings: dict) -> list[Row]:
     return rows
 
 
+def p10_compiled_decoding(settings: dict) -> list[Row]:
+    """Greedy decoding with `model.forward = torch.compile(model.forward, fullgraph=True)` and
+    `generate(..., cache_implementation="static")`, against transformers' Llama of the same shape compiled the same
+    way, and against the same Relformer in eager mode with the default (dynamic) cache: what compiling buys.
+
+    transformers compiles `generate()` by itself only on accelerators (`_valid_auto_compile_criteria`: CUDA, XPU, MPS,
+    ...; on CPU only with the private `CompileConfig._compile_all_devices`), so the forward is compiled explicitly. The
+    compiles (prefill and decode graphs) happen in the warm-up pair of `median_times`; a timed run that compiled
+    again would fail (`no_recompile`)."""
+    shape, new_tokens, repeats = settings["shape"], settings["compile_tokens"], settings["compile_repeats"]
+    rows = []
+    for batch in settings["compile_batches"]:
+        torch._dynamo.reset()  # static graphs of this batch size, not a dynamic-batch graph after an earlier size
+        prompt = token_ids(batch, 16, shape["vocab_size"])
+        llama = greedy(compiled(llama_lm(shape)), prompt, new_tokens, cache_implementation="static")
+        tokens = batch * new_tokens
+        for scheme in settings["compile_schemes"]:
+            ours = greedy(compiled(relformer_lm(shape, scheme)), prompt, new_tokens, cache_implementation="static")
+            eager = greedy(relformer_lm(shape, scheme), prompt, new_tokens)
+            started = time.monotonic()
+            t_ours, t_llama = median_times(no_recompile(ours), no_recompile(llama), repeats, warmup=(ours, llama))
+            print(f"  P10 {scheme}, batch {batch}: {time.monotonic() - started:.0f} s with the compiles", flush=True)
+            what = f"compiled static-cache greedy tokens/s, {scheme}, batch {batch}, {new_tokens} new vs compiled Llama"
+            what += " (gated MLP)"
+            rows.append(make_row("P10", what, tokens / t_ours, tokens / t_llama, "tok/s", ">= 1.0"))
+            t_ours, t_eager = median_times(no_recompile(ours), eager, repeats)
+            what = f"compiled static-cache vs eager greedy tokens/s, {scheme}, batch {batch}, {new_tokens} new"
+            rows.append(make_row("P10", what, tokens / t_ours, tokens / t_eager, "tok/s", "report"))
+    torch._dynamo.reset()
+    return rows
+
+
+def torchao_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """torchao's int8 weight-only quantization of every nn.Linear (the tied output layer included; the embedding
+    stays fp32): int8 weights with one fp32 scale per output row, fp32 activations."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """torch's own (deprecated) dynamic quantization: every nn.Linear becomes an int8 x int8 layer that quantizes its
+    activations per call (fbgemm)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "torch.ao.quantization is deprecated ..."
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def p11_int8(settings: dict) -> list[Row]:
+    """Eager greedy decoding (default cache) of int8 models against fp32 of the same model: torchao's int8
+    weight-only layers and torch's dynamic int8 layers, for Relformer (relative) and Llama of the same shape."""
+    shape, new_tokens, repeats = settings["shape"], settings["int8_tokens"], settings["int8_repeats"]
+    models = {"Relformer relative": lambda: relformer_lm(shape, "relative"), "Llama": lambda: llama_lm(shape)}
+    methods = {"torchao int8 weight-only": torchao_int8, "torch.ao dynamic int8": dynamic_int8}
+    rows = []
+    for batch in settings["int8_batches"]:
+        prompt = token_ids(batch, 16, shape["vocab_size"])
+        tokens = batch * new_tokens
+        for name, build in models.items():
+            fp32 = greedy(build(), prompt, new_tokens)
+            for method, quantize in methods.items():
+                int8 = greedy(quantize(build()), prompt, new_tokens)
+                t_int8, t_fp32 = median_times(int8, fp32, repeats)
+                what = f"greedy generate() tokens/s, {method} vs fp32, {name}, batch {batch}, {new_tokens} new"
+                rows.append(make_row("P11", what, tokens / t_int8, tokens / t_fp32, "tok/s", "report"))
+    return rows
+
+
 CASES = {
     "P1": p1_relative_overhead,
     "P2": p2_naive_shaw,
@@ -410,6 +518,8 @@ CASES = {
     "P5": p5_memory,
     "P6": p6_flop_utilization,
     "P7": p7_seq2seq,
+    "P10": p10_compiled_decoding,
+    "P11": p11_int8,
 }
 
 
@@ -418,12 +528,16 @@ def settings_for(quick: bool) -> dict:
         return dict(
             quick=True, shape=SHAPES["quick"], train_length=128, train_batch=2, naive_length=512, repeats=3,
             new_tokens=32, generate_repeats=3, generate_batches=(1,), generate_schemes=("relative", "learned"),
-            memory_lengths=(512, 2048), mfu_length=256, seq2seq_tokens=16,
+            memory_lengths=(512, 2048), mfu_length=256, seq2seq_tokens=16, compile_batches=(1,),
+            compile_schemes=("relative",), compile_tokens=8, compile_repeats=2, int8_batches=(1,), int8_tokens=8,
+            int8_repeats=2,
         )  # fmt: skip
     return dict(
         quick=False, shape=SHAPES["full"], train_length=512, train_batch=2, naive_length=1024, repeats=5,
         new_tokens=256, generate_repeats=5, generate_batches=(1, 8), generate_schemes=tuple(SCHEMES),
-        memory_lengths=(512, 1024, 2048, 4096, 8192), mfu_length=512, seq2seq_tokens=64,
+        memory_lengths=(512, 1024, 2048, 4096, 8192), mfu_length=512, seq2seq_tokens=64, compile_batches=(1, 8),
+        compile_schemes=("relative", "rotary"), compile_tokens=64, compile_repeats=3, int8_batches=(1, 8),
+        int8_tokens=64, int8_repeats=3,
     )  # fmt: skip
 
 
@@ -499,9 +613,41 @@ def format_table(rows: list[Row]) -> str:
     for row in rows:
         lines.append(
             f"| {row.id} | {row.what} | {row.ours:.4g} | {row.theirs:.4g} | {row.unit} | {row.ratio:.3f} | "
-            f"{row.target} | {'yes' if row.ok else 'no'} |"
+            f"{row.target} | {OK_WORDS[row.ok]} |"
         )
     return "\n".join(lines)
+
+
+OK_WORDS = {True: "yes", False: "no", None: "-"}
+
+
+def case_of(row_id: str) -> str:
+    """The case a row belongs to: its id, or the longest case id its id starts with (P2m and P2s: P2)."""
+    return row_id if row_id in CASES else max((case for case in CASES if row_id.startswith(case)), key=len)
+
+
+def previous_results(path: Path, quick: bool, machine: str) -> dict:
+    """The results file that `--only` merges into (empty if there is none yet); a usage error (ValueError) when it
+    holds the other mode's rows, was measured on another machine, thread count or torch, or is not a results file."""
+    if not path.exists():
+        return {"rows": [], "seconds": 0, "case_seconds": {}}
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        ids = [row["id"] for row in previous["rows"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a results file of this script ({error!r}): give another --output") from None
+    strange = [row_id for row_id in ids if not any(str(row_id).startswith(case) for case in CASES)]
+    if strange:
+        raise ValueError(f"{path} holds rows of no case of this script ({', '.join(map(str, strange))})")
+    if previous.get("quick") != quick:
+        mode = "--quick" if previous.get("quick") else "full"
+        raise ValueError(f"{path} holds {mode} results: give another --output, or run every case")
+    if previous.get("machine") != machine:
+        raise ValueError(
+            f"{path} was measured on {previous.get('machine')!r}, this run is {machine!r}: give another --output, "
+            "or run every case"
+        )
+    return previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,25 +666,43 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [case for case in selected if case not in CASES]
     if unknown:
         parser.error(f"unknown case ids: {', '.join(unknown)} (choose from {', '.join(CASES)})")
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32"
+    previous = {"rows": [], "seconds": 0, "case_seconds": {}}
+    if args.only:  # checked before measuring: `--only` keeps the other cases' rows of the file
+        try:
+            previous = previous_results(args.output, args.quick, machine)
+        except ValueError as error:
+            parser.error(str(error))
     settings = settings_for(args.quick)
     rows: list[Row] = []
+    case_seconds: dict[str, int] = {}
     started = time.monotonic()
     for case in selected:
         case_started = time.monotonic()
         new_rows = CASES[case](settings)
         rows.extend(new_rows)
-        print(format_table(new_rows).split("\n", 2)[2], f"({time.monotonic() - case_started:.0f} s)", flush=True)
+        case_seconds[case] = round(time.monotonic() - case_started)
+        load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"  # other work makes times noisy
+        print(format_table(new_rows).split("\n", 2)[2], f"({case_seconds[case]} s, {load})", flush=True)
     table = format_table(rows)
     print("\n" + table)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32"
+    seconds = round(time.monotonic() - started)
+    kept = [row for row in previous["rows"] if case_of(row["id"]) not in selected]
+    order = list(CASES)
+    all_rows = sorted(kept + [asdict(r) for r in rows], key=lambda row: order.index(case_of(row["id"])))  # stable
+    old_seconds = previous.get("case_seconds", {})
+    all_seconds = old_seconds | case_seconds
     results = {
         "machine": machine,
         "quick": args.quick,
-        "seconds": round(time.monotonic() - started),
-        "rows": [asdict(r) for r in rows],
+        # the time of every measurement the file holds (a replaced case's earlier time, where known, taken out)
+        "seconds": previous.get("seconds", 0) - sum(old_seconds.get(case, 0) for case in selected) + seconds,
+        "case_seconds": {case: all_seconds[case] for case in CASES if case in all_seconds},
+        "rows": all_rows,
     }
     write_atomically(args.output, json.dumps(results, indent=2) + "\n")
-    print(f"\n{machine}; {results['seconds']} s; written to {args.output}")
+    merged = f" (with {len(kept)} rows of other cases kept)" if kept else ""
+    print(f"\n{machine}; {seconds} s; written to {args.output}{merged}")
     return 0
 
 
