@@ -302,12 +302,11 @@ class RelformerConfig(PreTrainedConfig):
         per-layer position tables are replicated (each rank reads its heads' rows) and their gradients all-reduced, as
         are the stack's (T5's table)."""
         stacks = ("encoder.", "decoder.") if self.is_encoder_decoder else ("",)
-        attentions = ["self_attn"] + (["cross_attn"] if self.is_encoder_decoder else [])
         projections = ("up_proj", "gate_proj") if self.feed_forward_type == "gated" else ("up_proj",)
         plan = {}
         for stack in stacks:
             layer = f"{stack}layers.*."
-            for attention in attentions if stack != "encoder." else ["self_attn"]:
+            for attention in ("self_attn", "cross_attn") if stack == "decoder." else ("self_attn",):
                 plan |= {f"{layer}{attention}.{name}_proj": "colwise" for name in "qkv"}
                 plan[f"{layer}{attention}.o_proj"] = "rowwise"
             plan |= {f"{layer}mlp.{name}": "colwise" for name in projections}

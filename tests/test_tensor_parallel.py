@@ -136,12 +136,12 @@ def test_the_plan_shards_every_projection_and_names_only_existing_modules():
                 continue
             config = tiny_config(**overrides, **form_overrides, feed_forward_type="gated")
             plan = config.base_model_tp_plan
-            modules = {name for name, _ in model_class(config).base_model.named_modules()}
+            modules = dict(model_class(config).base_model.named_modules())
             for key in plan:
                 assert key.replace("*", "0") in modules, (form, variant, key)
             linears = {
                 name.replace(".0.", ".*.")
-                for name, module in model_class(config).base_model.named_modules()
+                for name, module in modules.items()
                 if isinstance(module, torch.nn.Linear) and ".0." in name
             }
             assert linears == {key for key, style in plan.items() if style in ("colwise", "rowwise")}, (form, variant)
