@@ -221,28 +221,68 @@ class XposAttentionPositions(RotaryAttentionPositions):
 
 
 class DistanceGrid:
-    """The distances `j - i` between queries i and keys j of one forward, turned into what a bias scheme needs (a
-    bucket index, or the bias itself), by blocks of query rows.
+    """The distances `j - i` between the positions of the queries and keys of one forward, turned into what a bias
+    scheme needs (a bucket index, or the bias itself), by blocks of query rows.
 
-    Queries sit at `past_length + arange(query_length)`, keys at `arange(key_length)`; `transform` maps the
-    `[rows, keys]` distances to the scheme's `[rows, keys]` index or `[H, rows, keys]` bias, without gradients: it is
-    shared by every layer. The whole grid is built once per forward when it is small (`WHOLE_LIMIT` query-key pairs)
-    and sliced by every layer; beyond that, each block is built when a layer needs it, so a long input never holds an
-    `[L, L]` grid. A learned lookup (`lookup`: index -> `[H, ..., keys]` bias, e.g. T5's table) runs at every read,
-    inside the layer that reads it: activation checkpointing recomputes it with the layer, and no graph is shared
-    between layers (a shared one is freed by the first layer's recomputation under reentrant checkpointing).
+    Query k of this forward sits in cache slot `past_length + k` at `query_positions[:, k]`, the key in slot s at
+    `key_positions[:, s]` (`[P, Lq]` and `[P, Lk]`, P = 1 when every row has the same positions, else the batch):
+    the positions a forward is given (`position_ids`), so distance-based schemes see what the absolute ones see
+    (randomized training positions included). `transform` maps the `[P, rows, keys]` distances to the scheme's
+    `[P, rows, keys]` index or `[P, H, rows, keys]` bias, without gradients: it is shared by every layer. The whole
+    grid is built once per forward when it is small (`WHOLE_LIMIT` elements) and sliced by every layer; beyond that,
+    each block is built when a layer needs it, so a long input never holds an `[L, L]` grid. A learned lookup
+    (`lookup`: index -> `[P, H, ..., keys]` bias, e.g. T5's table) runs at every read, inside the layer that reads it:
+    activation checkpointing recomputes it with the layer, and no graph is shared between layers (a shared one is
+    freed by the first layer's recomputation under reentrant checkpointing).
     """
 
     WHOLE_LIMIT = 2**18
 
-    def __init__(self, query_length, past_length, key_length, transform: Callable, device, lookup=None):
-        self.query_length, self.past_length, self.key_length = query_length, past_length, key_length
-        self.transform, self.lookup, self.device = transform, lookup, device
-        self._line = None
-        self.whole = self._build(0, query_length, key_length) if query_length * key_length <= self.WHOLE_LIMIT else None
+    def __init__(
+        self,
+        query_positions: torch.Tensor,
+        key_positions: torch.Tensor,
+        past_length: int | torch.Tensor,
+        transform: Callable,
+        lookup: Callable | None = None,
+    ):
+        self.query_positions, self.key_positions, self.past_length = query_positions, key_positions, past_length
+        (rows, self.query_length), self.key_length = query_positions.shape, key_positions.shape[1]
+        self.transform, self.lookup, self.device = transform, lookup, query_positions.device
+        self._line, self.line_offset = None, 0
+        small = rows * self.query_length * self.key_length <= self.WHOLE_LIMIT
+        self.whole = self._build(0, self.query_length, self.key_length) if small else None
+
+    @classmethod
+    def of(
+        cls,
+        position_ids: torch.Tensor,
+        past_length: int | torch.Tensor,
+        key_length: int,
+        transform: Callable,
+        lookup: Callable | None = None,
+    ) -> "DistanceGrid":
+        """The grid of a forward whose queries have `position_ids` `[B or 1, Lq]`: the keys in the queries' own slots
+        are at the queries' positions; the other slots (the cache's earlier tokens, a static cache's empty slots) are
+        counted on from the first query, as the cache holds consecutive positions."""
+        several = position_ids.shape[0] > 1 and not torch.compiler.is_compiling()
+        if several and bool((position_ids == position_ids[:1]).all()):  # one row serves (generate passes [B, L])
+            position_ids = position_ids[:1]
+        query_length = position_ids.shape[1]
+        if isinstance(past_length, int) and past_length == 0 and key_length == query_length:
+            return cls(position_ids, position_ids, past_length, transform, lookup)
+        slots = torch.arange(key_length, device=position_ids.device)
+        key_positions = (slots - past_length + position_ids[:, :1]).contiguous()
+        own_slots = (torch.arange(query_length, device=position_ids.device) + past_length).expand_as(position_ids)
+        key_positions = key_positions.scatter(1, own_slots, position_ids)
+        return cls(position_ids, key_positions, past_length, transform, lookup)
+
+    def distances(self, start: int, stop: int, key_stop: int) -> torch.Tensor:
+        """`[P, stop - start, key_stop]`: key minus query positions, queries start..stop-1, keys 0..key_stop-1."""
+        return self.key_positions[:, None, :key_stop] - self.query_positions[:, start:stop, None]
 
     def block(self, start: int, stop: int, key_stop: int) -> torch.Tensor:
-        """`[..., stop - start, key_stop]`: queries start..stop-1 of this forward against keys 0..key_stop-1."""
+        """`[P, ..., stop - start, key_stop]`: queries start..stop-1 of this forward against keys 0..key_stop-1."""
         index = self.whole[..., start:stop, :key_stop] if self.whole is not None else self._build(start, stop, key_stop)
         return index if self.lookup is None else self.lookup(index)
 
@@ -252,34 +292,47 @@ class DistanceGrid:
         grid.lookup = lookup
         return grid
 
+    def span(self) -> int:
+        """The largest distance, either way, between a query and a key of this forward."""
+        queries, keys = self.query_positions, self.key_positions
+        return max(int(keys.max() - queries.min()), int(queries.max() - keys.min()), 0)
+
     def line(self) -> torch.Tensor:
-        """The transform of every distance a query-key pair of this forward can have, `-(Lk - 1) .. Lk - 1`, as one row
-        (`[1, 2·Lk - 1]` index or `[H, 1, 2·Lk - 1]` bias), built once per forward: what flex attention's score_mods
-        read instead of an `[Lq, Lk]` grid. `line_index` finds a pair's entry."""
+        """The transform of every distance a query-key pair of this forward can have, `-span .. span`, as one row
+        (`[1, 1, 2·span + 1]` index or `[1, H, 1, 2·span + 1]` bias), built once per forward: what flex attention's
+        score_mods read instead of an `[Lq, Lk]` grid. `line_index` finds a pair's entry."""
         if self._line is None:
-            distances = torch.arange(1 - self.key_length, self.key_length, device=self.device)[None]
+            self.line_offset = self.span()
+            distances = torch.arange(-self.line_offset, self.line_offset + 1, device=self.device)[None, None]
             with torch.no_grad():
                 self._line = self.transform(distances)
         return self._line if self.lookup is None else self.lookup(self._line)
 
-    def line_index(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        """The entry of `line()` for query `q_idx` (counted in this forward) and key `kv_idx`: their distance
-        `kv_idx - (past_length + q_idx)`, shifted by `Lk - 1`."""
-        return kv_idx - q_idx + (self.key_length - 1 - self.past_length)
+    def line_index(self, b: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        """The entry of `line()` (called first) for row `b`'s query `q_idx` (counted in this forward) and key
+        `kv_idx`: their distance, shifted by the span."""
+        return self.position_distance(b, q_idx, kv_idx) + self.line_offset
+
+    def position_distance(self, b: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        """Key position minus query position of row `b`'s query `q_idx` and key `kv_idx` (index tensors)."""
+        return self.key_position(b, kv_idx) - self.query_position(b, q_idx)
+
+    def query_position(self, b: torch.Tensor, q_idx: torch.Tensor) -> torch.Tensor:
+        """The position of row `b`'s query `q_idx` (index tensors, as flex attention's score_mod gets them)."""
+        return self.query_positions[b if self.query_positions.shape[0] > 1 else 0, q_idx]
+
+    def key_position(self, b: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        """The position of row `b`'s key `kv_idx`."""
+        return self.key_positions[b if self.key_positions.shape[0] > 1 else 0, kv_idx]
 
     def _build(self, start: int, stop: int, key_stop: int) -> torch.Tensor:
-        query_positions = torch.arange(start, stop, device=self.device) + self.past_length
-        key_positions = torch.arange(key_stop, device=self.device)
         with torch.no_grad():
-            return self.transform(key_positions[None, :] - query_positions[:, None])
-
-
-BucketIndex = DistanceGrid  # its name before the grid served every bias scheme
+            return self.transform(self.distances(start, stop, key_stop))
 
 
 class DistanceGridPositions(nn.Module):
     """The stack part of a bias scheme: a `DistanceGrid` shared by every layer of this forward, built from
-    `self.transform` (distances `[rows, keys]` -> the scheme's index or bias, without gradients) and, for a learned
+    `self.transform` (distances `[P, rows, keys]` -> the scheme's index or bias, without gradients) and, for a learned
     table, `self.lookup` (index -> bias, read in each layer)."""
 
     lookup = None
@@ -289,8 +342,8 @@ class DistanceGridPositions(nn.Module):
         self.causal = causal
 
     def forward(self, inputs_embeds, position_ids, past_length, key_length):
-        query_length, device = inputs_embeds.shape[1], inputs_embeds.device
-        return inputs_embeds, DistanceGrid(query_length, past_length, key_length, self.transform, device, self.lookup)
+        position_ids = position_ids.to(inputs_embeds.device)
+        return inputs_embeds, DistanceGrid.of(position_ids, past_length, key_length, self.transform, self.lookup)
 
     def transform(self, distance: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -333,22 +386,23 @@ class ShawTerms(PositionTerms):
         self.adds_values = value_table is not None
 
     def bias(self, start, stop, key_stop):
-        bucket_index = self.grid.block(start, stop, key_stop)  # [rows, keys]
+        bucket_index = self.grid.block(start, stop, key_stop)[:, None]  # [P, 1, rows, keys]
         scores = self.query_scores[:, :, start:stop]
-        position_bias = scores.gather(-1, bucket_index.expand(*scores.shape[:2], *bucket_index.shape))
+        position_bias = scores.gather(-1, bucket_index.expand(*scores.shape[:2], *bucket_index.shape[2:]))
         if self.key_scores is not None:
             key_scores = self.key_scores[:, :, :key_stop]
-            key_index = bucket_index.T.expand(*key_scores.shape[:2], *bucket_index.T.shape)
+            key_index = bucket_index.transpose(-1, -2)
+            key_index = key_index.expand(*key_scores.shape[:2], *key_index.shape[2:])
             position_bias = position_bias + key_scores.gather(-1, key_index).transpose(-1, -2)
         return position_bias
 
     def score_mod(self):
         """Adds `(q_i·a^K)[bucket(i, j)]` (and `k_j·a^K` with `key_query`), read from the `[B, H, L, R]` products."""
-        grid, bucket = self.grid, self.grid.line()[0]  # [2·Lk - 1]: the bucket of each distance
+        grid, bucket = self.grid, self.grid.line()[0, 0]  # [2·span + 1]: the bucket of each distance
         scores, key_scores = self.query_scores, self.key_scores
 
         def add_relative_keys(score, b, h, q_idx, kv_idx):
-            index = bucket[grid.line_index(q_idx, kv_idx)]
+            index = bucket[grid.line_index(b, q_idx, kv_idx)]
             score = score + scores[b, h, q_idx, index].to(score.dtype)
             if key_scores is not None:
                 score = score + key_scores[b, h, kv_idx, index].to(score.dtype)
@@ -384,13 +438,18 @@ class ShawTerms(PositionTerms):
         lse = lse.float()
         seen = torch.isfinite(lse)[..., None]  # a query that sees no key at all (a causal pad) has lse = -inf
         band = torch.where(allowed & seen, torch.exp(scores - lse.where(seen[..., 0], 0.0)[..., None]), 0.0)
-        beyond = 1.0 - band.sum(-1, keepdim=True)
+        beyond = 1.0 - band.sum(-1)
+        # the band's buckets from the positions (consecutive ones: offset + k; sorted random ones may clip inside it)
+        band_buckets = grid.transform(grid.key_positions[:, kv_idx] - grid.query_positions[:, :, None])[:, None]
+        bucket_weights = band.new_zeros(*band.shape[:-1], self.value_table.shape[-2])  # [B, H, Lq, R]
+        bucket_weights.scatter_add_(-1, band_buckets.expand_as(band), band)
         if self.causal:
-            bucket_weights = torch.cat([beyond, band], dim=-1)  # [B, H, Lq, k + 1]
+            bucket_weights[..., 0] += beyond
         else:
             far_region = lambda b, h, q_idx, kv_idx: kv_idx - q_idx - grid.past_length <= -k  # noqa: E731
-            far = torch.exp(lse_of(far_region).float() - lse.where(seen[..., 0], 0.0))[..., None] * seen
-            bucket_weights = torch.cat([far, band, beyond - far], dim=-1)  # [B, H, Lq, 2k + 1]
+            far = torch.exp(lse_of(far_region).float() - lse.where(seen[..., 0], 0.0)) * seen[..., 0]
+            bucket_weights[..., 0] += far
+            bucket_weights[..., -1] += beyond - far
         return relative_values_term_of_buckets(bucket_weights, self.value_table, self.per_head).to(query.dtype)
 
 
@@ -467,7 +526,7 @@ def relative_values_term(
     with the table: no `[Lq, Lk, D]` tensor is formed.
     """
     rows = table.shape[-2]
-    index = bucket_index.expand_as(attn_weights)
+    index = bucket_index[:, None].expand_as(attn_weights)  # [P, rows, keys] -> [B, H, rows, keys]
     bucket_weights = attn_weights.new_zeros(*attn_weights.shape[:-1], rows).scatter_add_(-1, index, attn_weights)
     return relative_values_term_of_buckets(bucket_weights, table, per_head)
 
@@ -486,7 +545,8 @@ def relative_values_term_of_buckets(bucket_weights: torch.Tensor, table: torch.T
 
 
 class GridTerms(PositionTerms):
-    """The bias of a `DistanceGrid` that holds it (`[H, rows, keys]` per block, `[H, 1, 2·Lk - 1]` as its line)."""
+    """The bias of a `DistanceGrid` that holds it (`[P, H, rows, keys]` per block, `[1, H, 1, 2·span + 1]` as its
+    line)."""
 
     adds_bias = True
 
@@ -494,20 +554,20 @@ class GridTerms(PositionTerms):
         self.grid, self.dtype, self.heads = grid, dtype, heads  # heads: this rank's, under tensor parallelism
 
     def bias(self, start, stop, key_stop):
-        return self.grid.block(start, stop, key_stop)[self.heads].to(self.dtype)[None]  # [1, H, rows, keys]
+        return self.grid.block(start, stop, key_stop)[:, self.heads].to(self.dtype)  # [P, H, rows, keys]
 
     def score_mod(self):
-        """Adds the bias of each pair's distance, read from the grid's `[H, 2·Lk - 1]` line."""
-        grid, bias = self.grid, self.grid.line()[self.heads, 0].to(self.dtype)
+        """Adds the bias of each pair's distance, read from the grid's `[H, 2·span + 1]` line."""
+        grid, bias = self.grid, self.grid.line()[0, self.heads, 0].to(self.dtype)
 
         def add_bias(score, b, h, q_idx, kv_idx):
-            return score + bias[h, grid.line_index(q_idx, kv_idx)].to(score.dtype)
+            return score + bias[h, grid.line_index(b, q_idx, kv_idx)].to(score.dtype)
 
         return add_bias
 
 
 class GridBias(NoAttentionPositions):
-    """The attention part of a scheme whose stack part computes the bias itself (`[H, rows, keys]` per block of the
+    """The attention part of a scheme whose stack part computes the bias itself (`[P, H, rows, keys]` per block of the
     `DistanceGrid`): the same bias for every layer of the stack, added to the scores."""
 
     terms = GridTerms
@@ -566,8 +626,8 @@ class T5Buckets(DistanceGridPositions):
         return t5_relative_position_bucket(distance, not self.causal, self.num_buckets, self.max_distance)
 
     def lookup(self, buckets: torch.Tensor) -> torch.Tensor:
-        """Bucket index `[rows, keys]` -> bias `[H, rows, keys]`."""
-        return self.relative_attention_bias(buckets).permute(2, 0, 1)
+        """Bucket index `[P, rows, keys]` -> bias `[P, H, rows, keys]`."""
+        return self.relative_attention_bias(buckets).permute(0, 3, 1, 2)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -586,7 +646,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 class AlibiSlopes(DistanceGridPositions):
-    """The stack part of ALiBi: the bias `-m_h·|j - i|` `[H, rows, keys]`, one slope `m_h` per head (a non-persistent
+    """The stack part of ALiBi: the bias `-m_h·|j - i|` `[P, H, rows, keys]`, one slope `m_h` per head (a non-persistent
     buffer). A causal stack sees only `j <= i`, where this is Press et al.'s `-m·(i - j)`; an encoder sees both sides
     (the symmetric form). The same bias serves every layer of the stack."""
 
@@ -597,12 +657,12 @@ class AlibiSlopes(DistanceGridPositions):
 
     def transform(self, distance: torch.Tensor) -> torch.Tensor:
         slopes = self.slopes.float().to(distance.device)  # fp32 even in a half-precision model
-        return -slopes[:, None, None] * distance.abs()
+        return -slopes[:, None, None] * distance.abs()[:, None]  # [P, H, rows, keys]
 
 
 class Distances(DistanceGridPositions):
     """The stack part of a scheme whose layers turn the distances into a bias with parameters of their own: the
-    distances `j - i` `[rows, keys]` themselves."""
+    distances `j - i` `[P, rows, keys]` themselves."""
 
     def transform(self, distance: torch.Tensor) -> torch.Tensor:
         return distance
@@ -627,8 +687,8 @@ class KerpleBias(NoAttentionPositions):
         power = self.kerple_power[heads].float().clamp(min=self.EPS)[:, None, None]
         scale = self.kerple_scale[heads].float().clamp(min=self.EPS)[:, None, None]
 
-        def kernel(distance: torch.Tensor) -> torch.Tensor:  # [rows, keys] -> [H, rows, keys]
-            return -power * torch.log1p(scale * distance.abs())
+        def kernel(distance: torch.Tensor) -> torch.Tensor:  # [P, rows, keys] -> [P, H, rows, keys]
+            return -power * torch.log1p(scale * distance.abs()[:, None])
 
         return self.terms(grid.with_lookup(kernel), query.dtype)
 

@@ -61,10 +61,10 @@ def test_alibi_slopes_equal_blooms_and_the_papers(heads):
 def test_alibi_bias_is_minus_slope_times_distance(causal):
     """The bias of every query-key pair, past keys from a cache included: -m_h·|j - i| (causal rows see j <= i)."""
     stack_part = RelformerModel(tiny_config(**SCHEMES["alibi"], is_decoder=causal)).embed_positions
-    _, grid = stack_part(torch.zeros(1, 4, 32), None, 3, 7)  # queries at 3..6, keys at 0..6
+    _, grid = stack_part(torch.zeros(1, 4, 32), torch.arange(3, 7)[None], 3, 7)  # queries at 3..6, keys at 0..6
     slopes = alibi_slopes(4)
     distance = torch.arange(7)[None] - torch.arange(3, 7)[:, None]
-    torch.testing.assert_close(grid.block(0, 4, 7), -slopes[:, None, None] * distance.abs())
+    torch.testing.assert_close(grid.block(0, 4, 7)[0], -slopes[:, None, None] * distance.abs())
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -72,7 +72,7 @@ def test_kerple_bias_is_its_log_kernel_of_the_distance_in_every_layer(causal):
     """Every query-key pair, past keys included: `-r1·log(1 + r2·|j - i|)` with each layer's own r1, r2 per head
     (clamped at 0.01), initialised as the paper's code (r1 in [0, 2), r2 in [0, 1))."""
     model = RelformerModel(tiny_config(**SCHEMES["kerple"], is_decoder=causal))
-    _, grid = model.embed_positions(torch.zeros(1, 4, 32), None, 3, 7)  # queries at 3..6, keys at 0..6
+    _, grid = model.embed_positions(torch.zeros(1, 4, 32), torch.arange(3, 7)[None], 3, 7)  # queries 3..6, keys 0..6
     distance = torch.arange(7)[None] - torch.arange(3, 7)[:, None]
     biases = []
     for layer in model.layers:
@@ -121,3 +121,20 @@ def test_xpos_scores_are_rotary_scores_decayed_per_dimension_by_the_distance():
     expected = torch.einsum("bhnd,bhmd,dnm->bhnm", rq, rk, decay)
     torch.testing.assert_close(q @ k.transpose(-1, -2), expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(expected, rq @ rk.transpose(-1, -2), atol=1e-2)  # the decay is not negligible here
+
+
+def test_distances_come_from_the_position_ids_per_row():
+    """The grid's distances are those of the given positions (sorted random ones, say), per row when rows differ, and
+    a cache's earlier keys continue the first query's position: -m·|p_j - p_i| for ALiBi."""
+    stack_part = RelformerModel(tiny_config(**SCHEMES["alibi"])).embed_positions
+    positions = torch.tensor([[0, 3, 4, 9], [2, 5, 11, 12]])
+    _, grid = stack_part(torch.zeros(2, 4, 32), positions, 0, 4)
+    slopes = alibi_slopes(4)[None, :, None, None]
+    expected = -slopes * (positions[:, None, None, :] - positions[:, None, :, None]).abs()
+    torch.testing.assert_close(grid.block(0, 4, 4), expected)
+    _, grid = stack_part(torch.zeros(2, 1, 32), torch.tensor([[7], [4]]), 5, 6)  # decoding: row 1 had 3 pads
+    keys = torch.arange(6)[None] + torch.tensor([[2], [-1]])
+    expected = -slopes * (keys[:, None, None, :] - torch.tensor([7, 4])[:, None, None, None]).abs()
+    torch.testing.assert_close(grid.block(0, 1, 6), expected)
+    _, grid = stack_part(torch.zeros(3, 4, 32), torch.arange(4).expand(3, 4), 0, 4)
+    assert grid.whole.shape[0] == 1  # rows with the same positions share one grid

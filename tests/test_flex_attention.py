@@ -161,7 +161,9 @@ def test_values_term_from_the_log_sum_exp_equals_eager_values_term(causal, query
     key_length = past + query_length
     query = torch.randn(2, 4, query_length, 8, generator=generator)
     key, value = (torch.randn(2, 4, key_length, 8, generator=generator) for _ in range(2))
-    grid = DistanceGrid(query_length, past, key_length, RelativeBuckets(config, causal).transform, "cpu")
+    grid = DistanceGrid.of(
+        (torch.arange(query_length) + past)[None], past, key_length, RelativeBuckets(config, causal).transform
+    )
     tokens = torch.ones(2, key_length, dtype=torch.bool)
     tokens[1, : min(3, key_length - 1)] = False
     mask = AttentionMask.of(tokens.long(), 2, query_length, key_length, causal, past)
