@@ -693,6 +693,101 @@ class KerpleBias(NoAttentionPositions):
         return self.terms(grid.with_lookup(kernel), query.dtype)
 
 
+class FireTerms(PositionTerms):
+    """FIRE's bias for one layer and forward, from the grid's distances and query positions: by blocks of query rows
+    (the MLP runs on `[P, rows, keys, width]`, never on the whole `[Lq, Lk]`), and as a flex `score_mod` that
+    computes the MLP per score, unit by unit."""
+
+    adds_bias = True
+
+    def __init__(self, part: "FireBias", grid: DistanceGrid, heads: slice, dtype: torch.dtype):
+        self.grid, self.dtype, self.eps = grid, dtype, part.EPS
+        self.log_scale = part.fire_log_scale.float()[0]  # c
+        self.threshold = (part.fire_threshold_scale.float()[0] * part.THRESHOLD).abs()  # L
+        self.hidden_weight, self.hidden_bias = part.fire_hidden_weight.float(), part.fire_hidden_bias.float()
+        self.output_weight = part.fire_output_weight[heads].float()  # [H, width]: this rank's heads
+        self.output_bias = part.fire_output_bias[heads].float()
+        self._line_bias = None
+
+    def normalized(self, distance: torch.Tensor, query_position: torch.Tensor) -> torch.Tensor:
+        """`ψ(|j - i|) / ψ(max(L, i))`, `ψ(x) = log(1 + |c·x|)`, of broadcastable distances and query positions."""
+        c = self.log_scale
+        numerator = torch.log1p((c * distance).abs())
+        return numerator / (torch.log1p((c * torch.maximum(query_position, self.threshold)).abs()) + self.eps)
+
+    def mlp(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`f`: normalized distances `[...]` -> `[..., H]`."""
+        hidden = torch.relu(inputs[..., None] * self.hidden_weight + self.hidden_bias)  # [..., width]
+        return hidden @ self.output_weight.T + self.output_bias
+
+    def bias(self, start, stop, key_stop):
+        distance = self.grid.block(start, stop, key_stop)  # [P, rows, keys]
+        if self.below_threshold(stop):  # max(L, i) = L: the bias is a function of the distance, read off one line
+            line = self.line_bias()  # [H, 2·span + 1], the grid's line_offset set
+            return line[:, distance + self.grid.line_offset].transpose(0, 1).to(self.dtype)  # [P, H, rows, keys]
+        query_position = self.grid.query_positions[:, start:stop, None].float()
+        bias = self.mlp(self.normalized(distance.float(), query_position))  # [P, rows, keys, H]
+        return bias.permute(0, 3, 1, 2).to(self.dtype)
+
+    def below_threshold(self, stop: int) -> bool:
+        """Whether every query before `stop` sits below the threshold L (eager only: a compiled forward computes the
+        MLP for every pair)."""
+        if torch.compiler.is_compiling():
+            return False
+        return int(self.grid.query_positions[:, :stop].max()) < float(self.threshold.detach())
+
+    def line_bias(self) -> torch.Tensor:
+        """`[H, 2·span + 1]`: the bias of every distance of this forward for a query below L, computed once."""
+        if self._line_bias is None:
+            distances = self.grid.line()[0, 0].float()  # the distances themselves (FIRE's stack part keeps them)
+            self._line_bias = self.mlp(self.normalized(distances, torch.zeros((), device=distances.device))).T
+        return self._line_bias
+
+    def score_mod(self):
+        """Adds the MLP's output for the pair, as a sum over the hidden units (elementwise, as the fused kernel
+        needs)."""
+        grid, hidden_weight, hidden_bias = self.grid, self.hidden_weight, self.hidden_bias
+        output_weight, output_bias = self.output_weight, self.output_bias
+
+        def add_fire_bias(score, b, h, q_idx, kv_idx):
+            distance = grid.position_distance(b, q_idx, kv_idx).float()
+            inputs = self.normalized(distance, grid.query_position(b, q_idx).float())
+            bias = output_bias[h]
+            for unit in range(hidden_weight.shape[0]):
+                bias = bias + output_weight[h, unit] * torch.relu(inputs * hidden_weight[unit] + hidden_bias[unit])
+            return score + bias.to(self.dtype).to(score.dtype)
+
+        return add_fire_bias
+
+
+class FireBias(NoAttentionPositions):
+    """FIRE (Li et al. 2023, "Functional Interpolation for Relative Positions") in one layer: the bias
+    `f(ψ(|j - i|) / ψ(max(L, i)))` with `ψ(x) = log(1 + |c·x|)` and `f` an MLP `1 -> WIDTH (ReLU) -> H` (one output
+    per head); `c` (`fire_log_scale`) and the threshold `L = |THRESHOLD · fire_threshold_scale|` learned, initialised
+    as the community implementation (mcleish7/arithmetic) does: c = 0.1, L = 512 times a learned 1.0, the MLP as
+    torch's `nn.Linear`. Each layer has its own (the paper's default; it also reports sharing them). Causal stacks see
+    `j <= i`, as the paper defines it; an encoder sees both sides through `|j - i|` (symmetric, as KERPLE and ALiBi
+    here), with the normalizer of the query's own position."""
+
+    terms = FireTerms
+    WIDTH = 32
+    THRESHOLD = 512.0
+    EPS = 1e-6
+
+    def __init__(self, config, causal: bool):
+        super().__init__(config, causal)
+        self.num_heads = config.num_attention_heads
+        self.fire_log_scale = nn.Parameter(torch.empty(1))
+        self.fire_threshold_scale = nn.Parameter(torch.empty(1))
+        self.fire_hidden_weight = nn.Parameter(torch.empty(self.WIDTH))
+        self.fire_hidden_bias = nn.Parameter(torch.empty(self.WIDTH))
+        self.fire_output_weight = nn.Parameter(torch.empty(self.num_heads, self.WIDTH))
+        self.fire_output_bias = nn.Parameter(torch.empty(self.num_heads))
+
+    def forward(self, query, key, grid) -> FireTerms:
+        return self.terms(self, grid, local_heads(query, self.num_heads), query.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The schemes
 # ---------------------------------------------------------------------------------------------------------------
@@ -965,6 +1060,32 @@ class KerpleScheme(PositionScheme):
             init.uniform_(module.kerple_scale, 0.0, 1.0)
 
 
+class FireScheme(PositionScheme):
+    """Li et al. 2023 (FIRE): a learned MLP of the log distance, normalized by the log query position, per layer."""
+
+    name = "fire"
+    stack_part = Distances
+    attention_part = FireBias
+    parameter_names = (".position.fire_",)
+    per_head_modules = ("attention",)
+
+    def card_settings(self, config) -> str:
+        return (
+            f"MLP 1→{FireBias.WIDTH}→H of log(1 + c·|i - j|) / log(1 + c·max(L, i)), c and L learned per layer "
+            f"(init 0.1 and {FireBias.THRESHOLD:g})"
+        )
+
+    def init_weights(self, module: nn.Module, std: float) -> None:
+        if isinstance(module, FireBias):  # as the community code: nn.Linear's own init, c = 0.1, L = 512 · 1.0
+            init.constant_(module.fire_log_scale, 0.1)
+            init.constant_(module.fire_threshold_scale, 1.0)
+            init.uniform_(module.fire_hidden_weight, -1.0, 1.0)  # 1 / sqrt(fan_in = 1)
+            init.uniform_(module.fire_hidden_bias, -1.0, 1.0)
+            bound = 1 / math.sqrt(module.WIDTH)
+            init.uniform_(module.fire_output_weight, -bound, bound)
+            init.uniform_(module.fire_output_bias, -bound, bound)
+
+
 class NoPositionScheme(PositionScheme):
     """Haviv et al. 2022: no positions (causal masking alone)."""
 
@@ -988,5 +1109,6 @@ POSITION_SCHEMES: dict[str, PositionScheme] = {
         AlibiScheme(),
         KerpleScheme(),
         XposScheme(),
+        FireScheme(),
     )
 }

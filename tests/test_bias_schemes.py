@@ -138,3 +138,47 @@ def test_distances_come_from_the_position_ids_per_row():
     torch.testing.assert_close(grid.block(0, 1, 6), expected)
     _, grid = stack_part(torch.zeros(3, 4, 32), torch.arange(4).expand(3, 4), 0, 4)
     assert grid.whole.shape[0] == 1  # rows with the same positions share one grid
+
+
+def fire_reference(part, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """FIRE's bias `[H, Lq, Lk]` as the community implementation (mcleish7/arithmetic, `FIRE.forward`) computes it,
+    for given positions, with a layer's parameters: an `nn.Sequential` MLP of the normalized log distances."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.ReLU(), torch.nn.Linear(32, part.num_heads))
+    with torch.no_grad():
+        mlp[0].weight.copy_(part.fire_hidden_weight[:, None])
+        mlp[0].bias.copy_(part.fire_hidden_bias)
+        mlp[2].weight.copy_(part.fire_output_weight)
+        mlp[2].bias.copy_(part.fire_output_bias)
+        c, threshold = part.fire_log_scale[0], torch.abs(part.fire_threshold_scale[0] * 512.0)
+        relative_distances = key_positions[None, :] - query_positions[:, None]
+        normalizer = torch.max(query_positions.float(), threshold)[:, None]
+        normalized_distances = torch.log(torch.abs(c * relative_distances) + 1)
+        normalized = normalized_distances / (torch.log(torch.abs(c * normalizer) + 1) + 1e-6)
+        return mlp(normalized.unsqueeze(-1)).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fire_bias_is_the_community_implementations_in_every_layer_and_in_flex(causal):
+    """Every query-key pair, past keys from a cache included, at positions below and beyond the threshold L (set to
+    4 here, so that `max(L, i)` takes both sides): the community implementation's bias, per layer; initialised as it is
+    (c = 0.1, L = 512, the MLP as nn.Linear); the flex score_mod adds the same bias."""
+    model = RelformerModel(tiny_config(**SCHEMES["fire"], is_decoder=causal))
+    biases = []
+    for layer in model.layers:
+        part = layer.self_attn.position
+        assert part.fire_log_scale.item() == pytest.approx(0.1) and part.fire_threshold_scale.item() == 1.0
+        assert part.fire_hidden_weight.abs().max() <= 1 and part.fire_output_weight.abs().max() <= 32**-0.5
+        for threshold in (512, 4):  # every query below L (the bias is read off one line of distances), and not
+            with torch.no_grad():
+                part.fire_threshold_scale.fill_(threshold / 512)
+            _, grid = model.embed_positions(torch.zeros(1, 4, 32), torch.arange(3, 7)[None], 3, 7)  # queries 3..6
+            terms = part(torch.zeros(1, 4, 4, 8), torch.zeros(1, 4, 7, 8), grid)
+            expected = fire_reference(part, torch.arange(3, 7), torch.arange(7))
+            torch.testing.assert_close(terms.bias(0, 4, 7)[0], expected)
+            torch.testing.assert_close(terms.bias(1, 3, 6)[0], expected[:, 1:3, :6])
+            b, h = torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.arange(4)[None, :, None, None]
+            q_idx, kv_idx = torch.arange(4)[None, None, :, None], torch.arange(7)[None, None, None, :]
+            scores = terms.score_mod()(torch.zeros(1, 4, 4, 7), b, h, q_idx, kv_idx)
+            torch.testing.assert_close(scores[0], expected)
+        biases.append(expected)
+    assert not torch.allclose(biases[0], biases[1])  # each layer its own MLP
