@@ -123,6 +123,10 @@ class RelformerConfig(PreTrainedConfig):
     one after post-norm layers too), `head_dim` sets the head size when it is not `hidden_size /
     num_attention_heads` (default), and `type_vocab_size > 0` adds token-type (segment) embeddings as in BERT
     (default: 2 in an encoder, so sentence pairs work; 0 in the other forms).
+    `randomized_position_range=N` trains on randomized positions (Ruoss et al. 2023): in training mode (with
+    gradients), each sequence's position ids, and so every scheme's positions and distances, are a sorted sample
+    without replacement from `[0, N)` instead of `0 .. L-1`; evaluation and `generate()` use the ordinary positions.
+    N must be at least the training length, and at most what the scheme can read (learned: `max_position_embeddings`).
     `relative_attention_key_query=True` adds the key-side term `k_j·a_ij` to the keys term, the
     `relative_key_query` variant of Huang et al. (2020) that transformers 4 offered for BERT (encoders only).
     """
@@ -141,6 +145,7 @@ class RelformerConfig(PreTrainedConfig):
     intermediate_size: int = 2048
     hidden_act: str = "gelu"
     max_position_embeddings: int = 1024
+    randomized_position_range: int | None = None
     position_embedding_type: str = "relative"
     relative_attention_max_distance: int = 16
     relative_attention_values: bool = False
@@ -248,6 +253,7 @@ class RelformerConfig(PreTrainedConfig):
                         f"{self.position_embedding_type!r}."
                     )
         self.position_scheme.check(self)
+        self._validate_randomized_positions()
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value < 1.0:
@@ -257,6 +263,20 @@ class RelformerConfig(PreTrainedConfig):
             if not _is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
         self._validate_token_ids()
+
+    def _validate_randomized_positions(self) -> None:
+        """`randomized_position_range` is null or a positive integer within what the scheme can read."""
+        sampled = self.randomized_position_range
+        if sampled is None:
+            return
+        _require_positive_int("randomized_position_range", sampled)
+        limit = self.position_scheme.max_length(self)
+        if limit is not None and sampled > limit:
+            raise ValueError(
+                f"randomized_position_range={sampled} samples positions up to {sampled - 1}, beyond what "
+                f"position_embedding_type={self.position_embedding_type!r} can read ({limit} positions, "
+                f"max_position_embeddings): set it to at most {limit}, or raise max_position_embeddings."
+            )
 
     def _validate_token_ids(self) -> None:
         """Special token ids must be in the vocabulary: the embedding reads `pad_token_id` as its padding row and

@@ -439,8 +439,11 @@ class RelformerStack(RelformerPreTrainedModel):
             check_attention_mask(
                 encoder_attention_mask, encoder_hidden_states.shape[0], encoder_hidden_states.shape[1], "encoder "
             )
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, query_length, past_length, inputs_embeds.device)
+        if position_ids is None:  # randomized where the model learns (training mode, gradients on): not in generate
+            randomized = self.config.randomized_position_range if self.training and torch.is_grad_enabled() else None
+            position_ids = default_position_ids(
+                attention_mask, inputs_embeds.shape[:2], past_length, inputs_embeds.device, randomized
+            )
 
         hidden_states, position_inputs = self.embed_positions(inputs_embeds, position_ids, past_length, key_length)
         if self.embed_norm is not None:
@@ -488,13 +491,32 @@ class RelformerStack(RelformerPreTrainedModel):
 
 
 def default_position_ids(
-    attention_mask: torch.Tensor | None, query_length: int, past_length: int | torch.Tensor, device: torch.device
+    attention_mask: torch.Tensor | None,
+    shape: tuple[int, int],
+    past_length: int | torch.Tensor,
+    device: torch.device,
+    randomized_range: int | None = None,
 ) -> torch.Tensor:
-    """Positions `[B or 1, L]` of the queries: counted over real tokens when a 2-D mask is given (so padding
-    never shifts an absolute position), else `past_length + arange(L)`."""
+    """Positions `[B or 1, L]` of the queries of a `[B, L]` input: counted over real tokens when a 2-D mask is given
+    (so padding never shifts an absolute position), else `past_length + arange(L)`. With `randomized_range` N (Ruoss et
+    al. 2023's randomized positions, `config.randomized_position_range`, in training) and no cache before, each row's
+    real tokens get a sorted sample without replacement from `[0, N)` instead."""
+    batch, query_length = shape
     if attention_mask is not None and attention_mask.dim() == 2:
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
-    return (torch.arange(query_length, device=device) + past_length).unsqueeze(0)
+        counts = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]
+    else:
+        counts = (torch.arange(query_length, device=device) + past_length).unsqueeze(0)
+    if randomized_range is None or not (isinstance(past_length, int) and past_length == 0):
+        return counts
+    if randomized_range < query_length:
+        raise ValueError(
+            f"randomized_position_range={randomized_range} is smaller than this training input's {query_length} "
+            f"positions: it samples {query_length} distinct positions from [0, randomized_position_range). Set it to "
+            "at least the longest training length (and to the longest length you will evaluate, so that training "
+            "sees every position evaluation reads)."
+        )
+    sample = torch.rand(batch, randomized_range, device=device).argsort(-1)[:, :query_length].sort(-1).values
+    return sample.gather(1, counts.expand(batch, -1))
 
 
 class RelformerModel(RelformerPreTrainedModel):
