@@ -51,8 +51,16 @@ from .saving import output_problem as _folder_problem
 TEXTS = importlib.resources.files("hf_relformer") / "data" / "shakespeare"
 
 
-# scheme name -> config overrides: every scheme of the registry and its featured variants (relative values)
-SCHEMES = scheme_variants(featured_only=True)
+# The schemes the demo also trains on randomized positions (Ruoss et al. 2023), as "<scheme>+random": each sequence's
+# positions a sorted sample from [0, N), N the longest length the part evaluates (a learned table then has N rows).
+RANDOMIZED = ("learned", "rotary")
+RANDOM_SUFFIX = "+random"
+
+# scheme name -> config overrides: every scheme of the registry, its featured variants (relative values) and the
+# randomized ones
+SCHEMES = scheme_variants(featured_only=True) | {
+    scheme + RANDOM_SUFFIX: {"position_embedding_type": scheme} for scheme in RANDOMIZED
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,13 +95,20 @@ class DemoSettings:
         return cls(seeds=[0], steps=120, text_multipliers=[1, 2, 4, 8], eval_characters=8192, tasks=["delay"],
                    eval_count=50)  # fmt: skip
 
-    def config(self, scheme: str, vocab_size: int, longest: int, scale_embedding: bool = False) -> RelformerConfig:
-        """The same model for every scheme; a learned table gets `longest` rows."""
+    def config(
+        self, scheme: str, vocab_size: int, longest: int, scale_embedding: bool = False, reach: int | None = None
+    ) -> RelformerConfig:
+        """The same model for every scheme; a learned table gets `longest` rows. A randomized variant samples its
+        training positions from `[0, reach)`, `reach` being the longest length evaluated (and its table has as many)."""
+        overrides = with_horizon(SCHEMES[scheme], self.max_distance)
+        if scheme.endswith(RANDOM_SUFFIX):
+            reach = reach or longest
+            overrides, longest = overrides | {"randomized_position_range": reach}, max(longest, reach)
         return RelformerConfig(
             vocab_size=vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.layers,
             num_attention_heads=self.heads, intermediate_size=4 * self.hidden_size, max_position_embeddings=longest,
             hidden_dropout=0.0, attention_dropout=0.0, scale_embedding=scale_embedding, pad_token_id=PAD,
-            bos_token_id=BOS, eos_token_id=EOS, **with_horizon(SCHEMES[scheme], self.max_distance),
+            bos_token_id=BOS, eos_token_id=EOS, **overrides,
         )  # fmt: skip
 
 
@@ -205,7 +220,8 @@ def run_text_part(settings: DemoSettings, corpus: Corpus, progress: bool) -> lis
         torch.manual_seed(seed)
         # token embeddings scaled by sqrt(hidden): unscaled (std 0.02 at init), a sinusoidal table (amplitude 1)
         # drowns them and that model learns no text in this budget
-        model = RelformerForCausalLM(settings.config(scheme, corpus.vocab_size, settings.context + 1, True))
+        reach = settings.context * max(settings.text_multipliers) + 1  # the longest window, after <s>
+        model = RelformerForCausalLM(settings.config(scheme, corpus.vocab_size, settings.context + 1, True, reach))
         model = train(model, text_batches(corpus, settings, seed), settings)
         check_cached_decoding(model, with_bos(text[: 4 * (settings.context // 2)].view(4, -1)))
         scores = {m: perplexity(model, text, m * settings.context) for m in settings.text_multipliers}

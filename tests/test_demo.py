@@ -48,6 +48,18 @@ def test_every_registry_scheme_is_compared():
     assert set(POSITION_SCHEMES) <= set(SCHEMES) and "relative_values" in SCHEMES
 
 
+@pytest.mark.parametrize("scheme", ["learned", "rotary"])
+def test_randomized_variants_sample_up_to_the_longest_evaluated_length(scheme):
+    """`<scheme>+random` trains on positions sampled from [0, reach), reach the longest evaluated input; a learned
+    table then has that many rows, where the plain variant keeps the training length's."""
+    settings = DemoSettings()
+    config = settings.config(f"{scheme}+random", 40, longest=65, reach=1025)
+    assert config.position_embedding_type == scheme and config.randomized_position_range == 1025
+    assert config.position_scheme.max_length(config) in (None, 1025)
+    plain = settings.config(scheme, 40, longest=65, reach=1025)
+    assert plain.randomized_position_range is None and plain.position_scheme.max_length(plain) in (None, 65)
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("demo") / "out"
