@@ -17,7 +17,7 @@ logger = logging.get_logger(__name__)
 
 # The version of this code (hf_relformer's `__version__`), written into every saved config.json as
 # `relformer_code_version`: a checkpoint's shipped code is frozen at save time, and this names it.
-CODE_VERSION = "0.4.0"
+CODE_VERSION = "0.5.0"
 CODE_VERSION_KEY = "relformer_code_version"
 # The newest transformers minor release this code was tested with. Run as a checkpoint's shipped code (remote code)
 # on a newer one, the config prints one line suggesting `relformer-upgrade` (transformers 5.24 renamed the cache
