@@ -1,6 +1,6 @@
 """Music Transformer on the Bach chorales: held-out NLL of relative against absolute positions, then MIDI out.
 
-    python examples/chorales.py --output outputs/chorales                 # 4 schemes x 3 seeds, table, generation
+    python examples/chorales.py --output outputs/chorales                 # 5 schemes x 3 seeds, table, generation
     python examples/chorales.py --output outputs/mine --prime my.mid      # the same, primed with your chorale
     python examples/chorales.py --model outputs/chorales --output outputs/more --prime my.musicxml   # generate only
     python examples/chorales.py --write-split                             # rebuild examples/data/chorales_split.json
@@ -12,8 +12,8 @@ every 16th, so decoding merges repeated pitches into one note. The split by chor
 (`examples/data/chorales_split.json`, with every dropped score and why). Training windows of `--block-size` tokens
 start on a time step and are transposed by up to `--transpose` semitones (training split only).
 
-Every scheme (relative keys, relative keys+values, sinusoidal, learned absolute) is trained on the same windows, for
-the same steps, from the same init seed; the held-out NLL per token (nats) and per 16th-note step (4 tokens) is
+Every scheme (relative keys, relative keys+values, sinusoidal, learned absolute, FIRE) is trained on the same windows,
+for the same steps, from the same init seed; the held-out NLL per token (nats) and per 16th-note step (4 tokens) is
 measured on non-overlapping blocks of the test chorales, beside a unigram baseline. The first model (relative keys,
 first seed) is saved with a model card, reloaded through AutoModelForCausalLM, primed with the opening bars of a test
 chorale (or `--prime FILE`, MusicXML or MIDI) and continued by sampling with the key/value cache; the continuation is
@@ -55,7 +55,7 @@ LOWEST, HIGHEST = 36, 81  # MIDI range of the four-part chorales in music21's co
 PAD, REST = 0, 1
 VOCAB_SIZE = 2 + HIGHEST - LOWEST + 1
 SCORE_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn")  # the corpus' other Bach files are roman-numeral analyses
-FULL_SCHEMES = ("relative", "relative_values", "sinusoidal", "learned")
+FULL_SCHEMES = ("relative", "relative_values", "sinusoidal", "learned", "fire")
 
 
 class ChoraleError(ValueError):
@@ -382,6 +382,7 @@ SCHEME_LABELS = {
     "relative_values": "relative keys + values",
     "sinusoidal": "sinusoidal absolute",
     "learned": "learned absolute",
+    "fire": "FIRE (learned MLP of the log distance)",
 }
 
 
