@@ -397,6 +397,12 @@ class RelformerStack(RelformerPreTrainedModel):
         self.norm = build_norm(config) if config.has_final_layer_norm else None
         self.gradient_checkpointing = False
         self.post_init()
+        if config.is_encoder_decoder:  # the config's plan names both stacks: this stack's entries, as its own names
+            own, stacks = ("decoder." if is_causal else "encoder."), ("encoder.", "decoder.")
+            plan = self._tp_plan or {}
+            self._tp_plan = {
+                k.removeprefix(own): v for k, v in plan.items() if k.startswith(own) or not k.startswith(stacks)
+            }
 
     @takes_either_cache_name
     @merge_with_config_defaults

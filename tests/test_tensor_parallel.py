@@ -135,10 +135,14 @@ def test_the_plan_shards_every_projection_and_names_only_existing_modules():
             if form == "encoder" and variant not in ENCODER_SCHEMES:
                 continue
             config = tiny_config(**overrides, **form_overrides, feed_forward_type="gated")
-            plan = config.base_model_tp_plan
-            modules = dict(model_class(config).base_model.named_modules())
+            plan, model = config.base_model_tp_plan, model_class(config)
+            modules = dict(model.base_model.named_modules())
             for key in plan:
                 assert key.replace("*", "0") in modules, (form, variant, key)
+            # the plan transformers collects from the model and its sub-models (each stack of an encoder-decoder)
+            names = dict(model.named_modules()) | dict(model.named_parameters())
+            for key in model.tp_plan:
+                assert key.replace("*", "0") in names, (form, variant, key)
             linears = {
                 name.replace(".0.", ".*.")
                 for name, module in modules.items()
