@@ -765,9 +765,9 @@ class FireBias(NoAttentionPositions):
     `f(ψ(|j - i|) / ψ(max(L, i)))` with `ψ(x) = log(1 + |c·x|)` and `f` an MLP `1 -> WIDTH (ReLU) -> H` (one output
     per head); `c` (`fire_log_scale`) and the threshold `L = |THRESHOLD · fire_threshold_scale|` learned, initialised
     as the community implementation (mcleish7/arithmetic) does: c = 0.1, L = 512 times a learned 1.0, the MLP as
-    torch's `nn.Linear`. Each layer has its own (the paper's default; it also reports sharing them). Causal stacks see
-    `j <= i`, as the paper defines it; an encoder sees both sides through `|j - i|` (symmetric, as KERPLE and ALiBi
-    here), with the normalizer of the query's own position."""
+    torch's `nn.Linear`. Each layer has its own (as KERPLE here; one shared by the layers, as T5's table, is not
+    offered). Causal stacks see `j <= i`, as the paper defines it; an encoder sees both sides through `|j - i|`
+    (symmetric, as KERPLE and ALiBi here), with the normalizer of the query's own position."""
 
     terms = FireTerms
     WIDTH = 32
