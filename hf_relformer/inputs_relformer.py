@@ -1,10 +1,76 @@
-"""Checks of a forward's inputs: each raises `ValueError` naming the input and what it must be, where torch or
-transformers would fail with an opaque index or shape error (or read another row on a GPU).
+"""A forward's inputs: checks that raise `ValueError` naming the input and what it must be, where torch or
+transformers would fail with an opaque index or shape error (or read another row on a GPU), and the key/value
+cache's two names.
 
-This file is shipped with every saved checkpoint (remote code): it imports only torch.
+This file is shipped with every saved checkpoint (remote code): it imports only torch and transformers.
 """
 
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable
+
 import torch
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+# ---------------------------------------------------------------------------------------------------------------
+# The key/value cache's name. transformers 5.24 renamed it from `past_key_values` to `cache`: `generate()` passes
+# `cache=...` and reads `outputs.cache` (5.23: `past_key_values`). Every forward here takes `cache` and also accepts
+# `past_key_values` (`takes_either_cache_name`): silently on 5.23, with the deprecation warning of transformers' own
+# models from 5.24 on; outputs carry the cache in the installed version's field (`with_cache`, `cache_of`). This
+# section is the only code that knows both names.
+# ---------------------------------------------------------------------------------------------------------------
+
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+LEGACY_CACHE_NAME = "past_key_values"
+
+
+def takes_either_cache_name(forward: Callable) -> Callable:
+    """Decorates a `forward(..., cache=None, ...)` so that callers may pass the cache as `past_key_values` too (its
+    name before transformers 5.24, still used by code written for it). Where the installed transformers renamed it,
+    that name gets the FutureWarning its own models give (GPT-2's `deprecate_kwarg`), in their words."""
+
+    @functools.wraps(forward)
+    def forward_taking_either_name(self, *args, **kwargs):
+        if LEGACY_CACHE_NAME in kwargs:
+            if CACHE_NAME != LEGACY_CACHE_NAME and not torch.compiler.is_compiling():
+                warnings.warn(
+                    f"`{LEGACY_CACHE_NAME}` is deprecated for `{type(self).__name__}.{forward.__name__}` (transformers "
+                    f"5.24 renamed it). Use `{CACHE_NAME}` instead.",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+            legacy = kwargs.pop(LEGACY_CACHE_NAME)
+            given = kwargs.get("cache")
+            if legacy is not None and given is not None and given is not legacy:
+                raise ValueError(
+                    f"Two key/value caches were given, as `cache` and as `{LEGACY_CACHE_NAME}` (its name before "
+                    "transformers 5.24): pass one."
+                )
+            if legacy is not None:
+                kwargs["cache"] = legacy
+        return forward(self, *args, **kwargs)
+
+    return forward_taking_either_name
+
+
+def with_cache(cache: Cache | None) -> dict:
+    """The cache as a keyword argument under the installed transformers' name (`cache=` from 5.24 on,
+    `past_key_values=` before): for its output classes, which print a deprecation warning for the other name, and for
+    layers, whose activation-checkpointing wrapper drops the cache by that name."""
+    return {CACHE_NAME: cache}
+
+
+def cache_of(outputs: ModelOutput) -> Cache | None:
+    """The cache an output of the installed transformers carries (without the old name's deprecation warning)."""
+    return getattr(outputs, CACHE_NAME)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def check_token_inputs(

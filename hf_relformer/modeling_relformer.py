@@ -3,14 +3,11 @@
 Reads in data-flow order: norms -> feed-forward -> attention module -> layer -> pretrained base (class flags, init) ->
 stack -> bare model (one class per form: single stack, encoder-decoder) -> heads. The attention backends and the mask
 live in `attention_relformer.py`, the position schemes in `positions_relformer.py`, the loading checks in
-`loading_relformer.py`, the checks of a forward's inputs in `inputs_relformer.py`.
+`loading_relformer.py`, the checks of a forward's inputs and the cache's two names in `inputs_relformer.py`.
 This file is shipped with every saved checkpoint (remote code): it imports only torch, transformers and its
 sibling files through single-dot relative imports.
 """
 
-import dataclasses
-import functools
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -44,61 +41,16 @@ from .attention_relformer import (
     eager_attention,
 )
 from .configuration_relformer import RelformerConfig
-from .inputs_relformer import check_attention_mask, check_labels, check_token_inputs
+from .inputs_relformer import (
+    cache_of,
+    check_attention_mask,
+    check_labels,
+    check_token_inputs,
+    takes_either_cache_name,
+    with_cache,
+)
 from .loading_relformer import load_checked
 from .positions_relformer import NoAttentionPositions, attention_scaling
-
-# ---------------------------------------------------------------------------------------------------------------
-# The key/value cache's name. transformers 5.24 renamed it from `past_key_values` to `cache`: `generate()` passes
-# `cache=...` and reads `outputs.cache` (5.23: `past_key_values`). Every forward here takes `cache` and also accepts
-# `past_key_values` (`takes_either_cache_name`): silently on 5.23, with the deprecation warning of transformers' own
-# models from 5.24 on; outputs carry the cache in the installed version's field (`with_cache`, `cache_of`). This
-# section is the only code that knows both names.
-# ---------------------------------------------------------------------------------------------------------------
-
-CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
-LEGACY_CACHE_NAME = "past_key_values"
-
-
-def takes_either_cache_name(forward: Callable) -> Callable:
-    """Decorates a `forward(..., cache=None, ...)` so that callers may pass the cache as `past_key_values` too (its
-    name before transformers 5.24, still used by code written for it). Where the installed transformers renamed it,
-    that name gets the FutureWarning its own models give (GPT-2's `deprecate_kwarg`), in their words."""
-
-    @functools.wraps(forward)
-    def forward_taking_either_name(self, *args, **kwargs):
-        if LEGACY_CACHE_NAME in kwargs:
-            if CACHE_NAME != LEGACY_CACHE_NAME and not torch.compiler.is_compiling():
-                warnings.warn(
-                    f"`{LEGACY_CACHE_NAME}` is deprecated for `{type(self).__name__}.{forward.__name__}` (transformers "
-                    f"5.24 renamed it). Use `{CACHE_NAME}` instead.",
-                    FutureWarning,
-                    stacklevel=2,
-                )
-            legacy = kwargs.pop(LEGACY_CACHE_NAME)
-            given = kwargs.get("cache")
-            if legacy is not None and given is not None and given is not legacy:
-                raise ValueError(
-                    f"Two key/value caches were given, as `cache` and as `{LEGACY_CACHE_NAME}` (its name before "
-                    "transformers 5.24): pass one."
-                )
-            if legacy is not None:
-                kwargs["cache"] = legacy
-        return forward(self, *args, **kwargs)
-
-    return forward_taking_either_name
-
-
-def with_cache(cache: Cache | None) -> dict:
-    """The cache as a keyword argument under the installed transformers' name (`cache=` from 5.24 on,
-    `past_key_values=` before): for its output classes, which print a deprecation warning for the other name, and for
-    layers, whose activation-checkpointing wrapper drops the cache by that name."""
-    return {CACHE_NAME: cache}
-
-
-def cache_of(outputs: ModelOutput) -> Cache | None:
-    """The cache an output of the installed transformers carries (without the old name's deprecation warning)."""
-    return getattr(outputs, CACHE_NAME)
 
 
 class RelformerRMSNorm(nn.Module):
@@ -312,7 +264,7 @@ class RelformerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RelformerLayer"]
-    _skip_keys_device_placement = ["cache", "past_key_values"]  # either name (see CACHE_NAME)
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # either name (inputs_relformer.CACHE_NAME)
     # what the attention engine implements (flash attention cannot add a position bias: not among them)
     _supports_sdpa = "sdpa" in backends()
     _supports_flash_attn = any(name.startswith("flash_attention") for name in backends())

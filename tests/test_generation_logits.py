@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, LlamaConfig, LlamaForCausalLM
 
-from hf_relformer.modeling_relformer import CACHE_NAME, cache_of
+from hf_relformer.inputs_relformer import CACHE_NAME, cache_of
 
 from helpers import REPO_ROOT, SCHEMES, tiny_lm, tiny_seq2seq
 
