@@ -22,6 +22,7 @@ This file is shipped with every saved checkpoint (remote code): it imports only 
 """
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 
@@ -249,7 +250,7 @@ class DistanceGrid:
         self.query_positions, self.key_positions, self.past_length = query_positions, key_positions, past_length
         (rows, self.query_length), self.key_length = query_positions.shape, key_positions.shape[1]
         self.transform, self.lookup, self.device = transform, lookup, query_positions.device
-        self._line, self.line_offset = None, 0
+        self._line = None
         small = rows * self.query_length * self.key_length <= self.WHOLE_LIMIT
         self.whole = self._build(0, self.query_length, self.key_length) if small else None
 
@@ -292,8 +293,10 @@ class DistanceGrid:
         grid.lookup = lookup
         return grid
 
-    def span(self) -> int:
-        """The largest distance, either way, between a query and a key of this forward."""
+    @functools.cached_property
+    def line_offset(self) -> int:
+        """The largest distance, either way, between a query and a key of this forward: `line()` spans
+        `-line_offset .. line_offset`."""
         queries, keys = self.query_positions, self.key_positions
         return max(int(keys.max() - queries.min()), int(queries.max() - keys.min()), 0)
 
@@ -302,14 +305,13 @@ class DistanceGrid:
         (`[1, 1, 2·span + 1]` index or `[1, H, 1, 2·span + 1]` bias), built once per forward: what flex attention's
         score_mods read instead of an `[Lq, Lk]` grid. `line_index` finds a pair's entry."""
         if self._line is None:
-            self.line_offset = self.span()
             distances = torch.arange(-self.line_offset, self.line_offset + 1, device=self.device)[None, None]
             with torch.no_grad():
                 self._line = self.transform(distances)
         return self._line if self.lookup is None else self.lookup(self._line)
 
     def line_index(self, b: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        """The entry of `line()` (called first) for row `b`'s query `q_idx` (counted in this forward) and key
+        """The entry of `line()` for row `b`'s query `q_idx` (counted in this forward) and key
         `kv_idx`: their distance, shifted by the span."""
         return self.position_distance(b, q_idx, kv_idx) + self.line_offset
 
@@ -722,19 +724,21 @@ class FireTerms(PositionTerms):
 
     def bias(self, start, stop, key_stop):
         distance = self.grid.block(start, stop, key_stop)  # [P, rows, keys]
-        if self.below_threshold(stop):  # max(L, i) = L: the bias is a function of the distance, read off one line
-            line = self.line_bias()  # [H, 2·span + 1], the grid's line_offset set
-            return line[:, distance + self.grid.line_offset].transpose(0, 1).to(self.dtype)  # [P, H, rows, keys]
+        if stop <= self.queries_below_threshold:  # max(L, i) = L: a function of the distance, read off one line
+            bias = self.line_bias()[:, distance + self.grid.line_offset]  # [H, P, rows, keys]
+            return bias.transpose(0, 1).to(self.dtype)
         query_position = self.grid.query_positions[:, start:stop, None].float()
         bias = self.mlp(self.normalized(distance.float(), query_position))  # [P, rows, keys, H]
         return bias.permute(0, 3, 1, 2).to(self.dtype)
 
-    def below_threshold(self, stop: int) -> bool:
-        """Whether every query before `stop` sits below the threshold L (eager only: a compiled forward computes the
-        MLP for every pair)."""
+    @functools.cached_property
+    def queries_below_threshold(self) -> int:
+        """How many of this forward's first queries sit below the threshold L, found once per layer and forward (0
+        while compiling: a compiled forward computes the MLP for every pair)."""
         if torch.compiler.is_compiling():
-            return False
-        return int(self.grid.query_positions[:, :stop].max()) < float(self.threshold.detach())
+            return 0
+        past = (self.grid.query_positions >= self.threshold.detach()).any(0)  # [Lq]
+        return int(torch.cat([past, past.new_ones(1)]).int().argmax())  # the first query past L, or Lq
 
     def line_bias(self) -> torch.Tensor:
         """`[H, 2·span + 1]`: the bias of every distance of this forward for a query below L, computed once."""
