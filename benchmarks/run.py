@@ -45,7 +45,6 @@ from hf_relformer import (
     RelformerModel,
 )
 from hf_relformer.attention_relformer import AttentionMask
-from hf_relformer.modeling_relformer import RelformerAttention
 from hf_relformer.saving import write_atomically
 from hf_relformer.variants import scheme_variants, with_horizon
 
@@ -256,23 +255,31 @@ def p1_relative_overhead(settings: dict) -> list[Row]:
     return [make_row("P1", what, t_ours, t_plain, "s", "<= 1.25")]
 
 
-def p2_naive_shaw(settings: dict) -> list[Row]:
-    length, repeats = settings["naive_length"], settings["repeats"]
-    shape = settings["shape"]
-    config = relformer_config(shape, "relative")
+def attention_layer_step(
+    shape: dict, scheme: str, length: int
+) -> tuple[Callable[[], None], torch.nn.Module, torch.Tensor]:
+    """One causal self-attention layer of `scheme` (its stack part first), forward and backward, at `length`: the
+    step, the layer and its input `[1, length, hidden]`."""
     torch.manual_seed(0)
-    attention = RelformerAttention(config, 0, is_causal=True).eval()
-    hidden = torch.randn(1, length, config.hidden_size)
-    stack = RelformerModel._from_config(config, attn_implementation="sdpa")
-    attention.config = stack.config
+    stack = RelformerModel._from_config(relformer_config(shape, scheme), attn_implementation="sdpa")
+    attention = stack.layers[0].self_attn
+    hidden = torch.randn(1, length, stack.config.hidden_size)
     mask = AttentionMask.of(None, 1, length, length, causal=True)
+    position_ids = torch.arange(length)[None]
 
-    def ours() -> None:
+    def step() -> None:
         hidden.grad = None
         hidden.requires_grad_(True)
-        position_ids = torch.arange(length)[None]
-        _, buckets = stack.embed_positions(hidden, position_ids, 0, length)
-        attention(hidden, mask, buckets)[0].sum().backward()
+        _, inputs = stack.embed_positions(hidden, position_ids, 0, length)
+        attention(hidden, mask, inputs)[0].sum().backward()
+
+    return step, attention, hidden
+
+
+def p2_naive_shaw(settings: dict) -> list[Row]:
+    length, repeats = settings["naive_length"], settings["repeats"]
+    ours, attention, hidden = attention_layer_step(settings["shape"], "relative", length)
+    config = attention.config
 
     def naive() -> None:
         hidden.grad = None
@@ -319,30 +326,12 @@ def p2_naive_shaw(settings: dict) -> list[Row]:
     return rows
 
 
-def attention_layer_step(shape: dict, scheme: str, length: int) -> Callable[[], None]:
-    """One causal self-attention layer of `scheme` (its stack part first), forward and backward, at `length`."""
-    torch.manual_seed(0)
-    stack = RelformerModel._from_config(relformer_config(shape, scheme), attn_implementation="sdpa")
-    attention = stack.layers[0].self_attn
-    hidden = torch.randn(1, length, stack.config.hidden_size)
-    mask = AttentionMask.of(None, 1, length, length, causal=True)
-    position_ids = torch.arange(length)[None]
-
-    def step() -> None:
-        hidden.grad = None
-        hidden.requires_grad_(True)
-        _, inputs = stack.embed_positions(hidden, position_ids, 0, length)
-        attention(hidden, mask, inputs)[0].sum().backward()
-
-    return step
-
-
 def p2f_fire(settings: dict) -> list[Row]:
     """FIRE's layer (an MLP of the normalized log distance, read off one line of distances for queries below its
     threshold L = 512 and computed per block of query rows beyond) against relative and ALiBi."""
     length, repeats = settings["naive_length"], settings["repeats"]
     steps = {
-        scheme: attention_layer_step(settings["shape"], scheme, length) for scheme in ("fire", "relative", "alibi")
+        scheme: attention_layer_step(settings["shape"], scheme, length)[0] for scheme in ("fire", "relative", "alibi")
     }
     rows = []
     for other in ("relative", "alibi"):
