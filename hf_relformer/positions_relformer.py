@@ -22,7 +22,6 @@ This file is shipped with every saved checkpoint (remote code): it imports only 
 """
 
 import copy
-import functools
 import math
 from collections.abc import Callable
 
@@ -250,7 +249,7 @@ class DistanceGrid:
         self.query_positions, self.key_positions, self.past_length = query_positions, key_positions, past_length
         (rows, self.query_length), self.key_length = query_positions.shape, key_positions.shape[1]
         self.transform, self.lookup, self.device = transform, lookup, query_positions.device
-        self._line = None
+        self._line = self._line_offset = None
         small = rows * self.query_length * self.key_length <= self.WHOLE_LIMIT
         self.whole = self._build(0, self.query_length, self.key_length) if small else None
 
@@ -293,12 +292,14 @@ class DistanceGrid:
         grid.lookup = lookup
         return grid
 
-    @functools.cached_property
+    @property
     def line_offset(self) -> int:
-        """The largest distance, either way, between a query and a key of this forward: `line()` spans
+        """The largest distance, either way, between a query and a key of this forward (found once): `line()` spans
         `-line_offset .. line_offset`."""
-        queries, keys = self.query_positions, self.key_positions
-        return max(int(keys.max() - queries.min()), int(queries.max() - keys.min()), 0)
+        if self._line_offset is None:
+            queries, keys = self.query_positions, self.key_positions
+            self._line_offset = max(int(keys.max() - queries.min()), int(queries.max() - keys.min()), 0)
+        return self._line_offset
 
     def line(self) -> torch.Tensor:
         """The transform of every distance a query-key pair of this forward can have, `-span .. span`, as one row
@@ -709,7 +710,7 @@ class FireTerms(PositionTerms):
         self.hidden_weight, self.hidden_bias = part.fire_hidden_weight.float(), part.fire_hidden_bias.float()
         self.output_weight = part.fire_output_weight[heads].float()  # [H, width]: this rank's heads
         self.output_bias = part.fire_output_bias[heads].float()
-        self._line_bias = None
+        self._line_bias = self._queries_below = None
 
     def normalized(self, distance: torch.Tensor, query_position: torch.Tensor) -> torch.Tensor:
         """`ψ(|j - i|) / ψ(max(L, i))`, `ψ(x) = log(1 + |c·x|)`, of broadcastable distances and query positions."""
@@ -724,21 +725,22 @@ class FireTerms(PositionTerms):
 
     def bias(self, start, stop, key_stop):
         distance = self.grid.block(start, stop, key_stop)  # [P, rows, keys]
-        if stop <= self.queries_below_threshold:  # max(L, i) = L: a function of the distance, read off one line
+        if self.below_threshold(stop):  # max(L, i) = L: a function of the distance, read off one line
             bias = self.line_bias()[:, distance + self.grid.line_offset]  # [H, P, rows, keys]
             return bias.transpose(0, 1).to(self.dtype)
         query_position = self.grid.query_positions[:, start:stop, None].float()
         bias = self.mlp(self.normalized(distance.float(), query_position))  # [P, rows, keys, H]
         return bias.permute(0, 3, 1, 2).to(self.dtype)
 
-    @functools.cached_property
-    def queries_below_threshold(self) -> int:
-        """How many of this forward's first queries sit below the threshold L, found once per layer and forward (0
-        while compiling: a compiled forward computes the MLP for every pair)."""
+    def below_threshold(self, stop: int) -> bool:
+        """Whether every query before `stop` sits below the threshold L; how many leading queries do is found once per
+        layer and forward (eager only: a compiled forward computes the MLP for every pair)."""
         if torch.compiler.is_compiling():
-            return 0
-        past = (self.grid.query_positions >= self.threshold.detach()).any(0)  # [Lq]
-        return int(torch.cat([past, past.new_ones(1)]).int().argmax())  # the first query past L, or Lq
+            return False
+        if self._queries_below is None:
+            past = (self.grid.query_positions >= self.threshold.detach()).any(0)  # [Lq]
+            self._queries_below = int(torch.cat([past, past.new_ones(1)]).int().argmax())  # the first past L, or Lq
+        return stop <= self._queries_below
 
     def line_bias(self) -> torch.Tensor:
         """`[H, 2·span + 1]`: the bias of every distance of this forward for a query below L, computed once."""
